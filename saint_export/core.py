@@ -1,0 +1,85 @@
+"""SAINT token selection (arXiv 2503.11549): the whole algorithm in one place.
+
+Inputs are the attention keys of one block averaged over heads, [B, N, d]. The first
+`num_protected` tokens (CLS, distillation, registers) never take part. The n patch tokens are
+L2-normalised and split alternately into A (even positions) and B (odd positions); S = A·Bᵀ.
+An A token gets a vote per B token with S ≥ τ. Its redundancy score is c·exp(γ(mean valid S − τ))
+when it has c > 0 votes, else its mean similarity to B. The `drop` highest-scoring A tokens go.
+
+Kept order: protected tokens, kept A tokens by descending score, then every B token in order.
+Ties rank the lower index first (ONNX TopK's rule).
+
+Precision: scores are fp32 values, but they are accumulated in fp64 and rounded once. Float
+sums depend on summation order, and that order differs between libraries and even between rows
+of one tensor (ONNX Runtime's ReduceSum, torch's norm): in plain fp32, identical tokens got
+scores one ulp apart, so backends broke exact ties differently. fp64 noise (~1e-16) almost never
+survives the final rounding to fp32, so identical tokens stay tied and backends agree bit for bit.
+τ and γ are used at fp32 precision, as ONNX and TensorRT attributes store them.
+
+`saint_export.ops` states the same computation in ONNX operators; keep the two in step.
+"""
+from __future__ import annotations
+
+import torch
+
+TAU = 0.75
+VOTE_K = 5
+GAMMA = 10.0
+# Guards the key normalisation against an all-zero key (the reference divides by the norm
+# alone and would produce NaN); it changes nothing for any key with a norm above 1e-12.
+NORM_EPS = 1e-12
+
+
+def redundancy_scores(keys: torch.Tensor, num_protected: int, tau: float = TAU,
+                      vote_k: int = VOTE_K, gamma: float = GAMMA) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score every A token. Returns (score [B, n_A] fp32, vote_rows [B] int64).
+
+    vote_rows counts the A tokens with at least `vote_k` votes: the number the dynamic
+    method would drop for this image alone.
+    """
+    tau, gamma = _as_fp32(tau), _as_fp32(gamma)
+    patches = keys[:, num_protected:].double()
+    patches = patches / patches.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
+    sim = patches[:, 0::2] @ patches[:, 1::2].transpose(1, 2)  # [B, n_A, n_B]
+    edges = sim >= tau
+    votes = edges.sum(-1).double()
+    mean_valid = (sim * edges).sum(-1) / votes.clamp_min(1.0)
+    mean_all = sim.sum(-1) / max(sim.shape[-1], 1)
+    score = torch.where(votes > 0, votes * torch.exp(gamma * (mean_valid - tau)), mean_all)
+    vote_rows = (votes >= vote_k).sum(-1)
+    return score.float(), vote_rows
+
+
+def _as_fp32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def keep_index_from_scores(score: torch.Tensor, num_protected: int, num_tokens: int,
+                           drop: int) -> torch.Tensor:
+    """Token indices to keep, in SAINT's output order. [B, num_tokens - drop] int64."""
+    batch, n_a = score.shape
+    n_b = num_tokens - num_protected - n_a
+    # A stable sort keeps equal scores in index order: lower index ranks first.
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, drop:]
+    device = score.device
+    protected = torch.arange(num_protected, device=device).expand(batch, -1)
+    kept_a = num_protected + 2 * order
+    all_b = (num_protected + 1 + 2 * torch.arange(n_b, device=device)).expand(batch, -1)
+    return torch.cat([protected, kept_a, all_b], dim=1)
+
+
+def similarity_topk(keys: torch.Tensor, num_protected: int, drop: int, tau: float = TAU,
+                    vote_k: int = VOTE_K, gamma: float = GAMMA) -> tuple[torch.Tensor, torch.Tensor]:
+    """The operator of DESIGN §4: (keep_index [B, N - drop], vote_rows [B]), both int64."""
+    score, vote_rows = redundancy_scores(keys, num_protected, tau, vote_k, gamma)
+    return keep_index_from_scores(score, num_protected, keys.shape[1], drop), vote_rows
+
+
+def dynamic_drop(vote_rows: torch.Tensor) -> int:
+    """The reference method's r: the batch mean of vote_rows, truncated (one r per batch)."""
+    return int(vote_rows.sum()) // vote_rows.numel()
+
+
+def gather_tokens(x: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, C] -> x[b, keep_index[b]] [B, N', C]."""
+    return torch.gather(x, 1, keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,69 @@
+"""ONNX export of a SAINT-patched model: torch.export (dynamo) → ONNX with the saint operator."""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from . import ops
+from .patch import SaintError
+from .schedule import EXPORTABLE_HINT
+
+DEFAULT_OPSET = 18
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+# Protobuf cannot hold more than 2 GiB; above this the weights go to `<model>.onnx.data`.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int, int],
+                opset: int = DEFAULT_OPSET) -> list[Path]:
+    """Export `model` (eval mode, fp32) to `path` with a dynamic batch axis. Returns the files written."""
+    state = getattr(model, "saint", None)
+    if state is not None and not state.schedule.is_static:
+        raise SaintError(f"keep schedule 'dynamic' cannot be exported (token counts depend on the data); "
+                         f"{EXPORTABLE_HINT}")
+    if opset < 18:
+        raise SaintError(f"opset {opset} is too old: the exporter needs opset ≥ 18")
+    model.eval()
+    example = torch.randn(2, *image_shape)  # batch 2, so the batch axis is not specialised to 1
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=opset, verbose=False,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            custom_translation_table=ops.CUSTOM_TRANSLATION_TABLE)
+    function = ir.serde.deserialize_function(ops.function_proto())
+    program.model.functions[function.identifier()] = function
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    program.save(str(path), external_data=external)
+    onnx.checker.check_model(str(path), full_check=True)
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.exists() else [path]
+
+
+def saint_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The SimilarityTopK nodes of the main graph, in execution (= block) order."""
+    return [n for n in model.graph.node if n.domain == ops.DOMAIN and n.op_type == ops.OP_TYPE]
+
+
+def write_audit_model(path: Path, audit_path: Path) -> list[tuple[str, str]]:
+    """Copy `path` with every SimilarityTopK output exposed as a graph output (same weights file).
+
+    Returns the (keep_index, vote_rows) output names per pruning block, in block order.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    exposed = []
+    for node in saint_nodes(model):
+        keep_index, vote_rows = node.output
+        model.graph.output.extend([onnx.helper.make_tensor_value_info(keep_index, onnx.TensorProto.INT64, None),
+                                   onnx.helper.make_tensor_value_info(vote_rows, onnx.TensorProto.INT64, None)])
+        exposed.append((keep_index, vote_rows))
+    onnx.save(model, str(audit_path))
+    return exposed

@@ -1,0 +1,120 @@
+"""The `saint::SimilarityTopK` operator (DESIGN §4) for PyTorch and ONNX.
+
+- `torch.ops.saint.similarity_topk`: a torch.library custom op whose eager implementation is
+  `core.similarity_topk` (the reference) and whose fake implementation gives static shapes, so
+  torch.export sees one opaque node instead of tracing the selection.
+- In ONNX it becomes a `saint::SimilarityTopK` node carrying the TensorRT plugin attributes
+  (`plugin_namespace`, `plugin_version`), plus a model-local function of the same name and domain
+  that spells the operator out in standard ops, so ONNX Runtime runs the same file and TensorRT
+  (≥ 10.7) prefers the registered plugin over the function.
+"""
+from __future__ import annotations
+
+import onnx
+import onnxscript
+import torch
+from onnx.defs import OpSchema
+from onnxscript import opset18 as op
+
+from . import core
+
+DOMAIN = "saint"
+OP_TYPE = "SimilarityTopK"
+PLUGIN_VERSION = "1"
+# TensorRT's ITopKLayer limit; the operator sorts the n_A = ⌈n/2⌉ A tokens.
+TOPK_LIMIT = 3840
+
+
+@torch.library.custom_op("saint::similarity_topk", mutates_args=())
+def similarity_topk(keys: torch.Tensor, num_protected: int, drop: int, tau: float, vote_k: int,
+                    gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return core.similarity_topk(keys, num_protected, drop, tau, vote_k, gamma)
+
+
+@similarity_topk.register_fake
+def _similarity_topk_shapes(keys, num_protected, drop, tau, vote_k, gamma):
+    batch, num_tokens, _ = keys.shape
+    return (keys.new_empty((batch, num_tokens - drop), dtype=torch.int64),
+            keys.new_empty((batch,), dtype=torch.int64))
+
+
+def _register_onnx_schema() -> None:
+    if onnx.defs.has(OP_TYPE, DOMAIN):
+        return
+    attr = OpSchema.Attribute
+    ints, floats, strings = OpSchema.AttrType.INT, OpSchema.AttrType.FLOAT, OpSchema.AttrType.STRING
+    onnx.defs.register_schema(OpSchema(
+        OP_TYPE, DOMAIN, 1,
+        doc="SAINT similarity top-k: kept token indices in SAINT order, and the vote diagnostic.",
+        inputs=[OpSchema.FormalParameter("keys", "T")],
+        outputs=[OpSchema.FormalParameter("keep_index", "tensor(int64)"),
+                 OpSchema.FormalParameter("vote_rows", "tensor(int64)")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "keys")],
+        attributes=[attr("num_protected", ints, ""), attr("drop", ints, ""), attr("tau", floats, ""),
+                    attr("vote_k", ints, ""), attr("gamma", floats, ""),
+                    attr("plugin_namespace", strings, ""), attr("plugin_version", strings, "")],
+    ))
+
+
+_register_onnx_schema()
+_saint_opset = onnxscript.values.Opset(DOMAIN, 1)
+
+FLOAT, INT64, DOUBLE = 1, 7, 11  # onnx.TensorProto data types for Cast
+
+
+@onnxscript.script(_saint_opset, default_opset=op)
+def SimilarityTopK(keys, num_protected: int, drop: int, tau: float, vote_k: int, gamma: float):
+    """core.similarity_topk in standard ONNX ops, line for line (fp64 accumulation, fp32 score)."""
+    end = op.Constant(value_ints=[9223372036854775807])
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    two = op.Constant(value_ints=[2])
+    last = op.Constant(value_ints=[-1])
+    fone = op.Cast(op.Constant(value_float=1.0), to=DOUBLE)
+    p = op.Reshape(op.Constant(value_int=num_protected), one)
+    t = op.Cast(op.Constant(value_float=tau), to=DOUBLE)
+
+    patches = op.Slice(op.Cast(keys, to=DOUBLE), p, end, one)
+    norm = op.Sqrt(op.ReduceSum(op.Mul(patches, patches), last, keepdims=1))
+    unit = op.Div(patches, op.Max(norm, op.Cast(op.Constant(value_float=1e-12), to=DOUBLE)))
+    set_b = op.Slice(unit, one, end, one, two)
+    sim = op.MatMul(op.Slice(unit, zero, end, one, two), op.Transpose(set_b, perm=[0, 2, 1]))
+    edges = op.Cast(op.GreaterOrEqual(sim, t), to=DOUBLE)
+    votes = op.ReduceSum(edges, last, keepdims=0)
+    mean_valid = op.Div(op.ReduceSum(op.Mul(sim, edges), last, keepdims=0), op.Max(votes, fone))
+    n_b = op.Cast(op.Shape(set_b, start=1, end=2), to=DOUBLE)
+    mean_all = op.Div(op.ReduceSum(sim, last, keepdims=0), op.Max(n_b, fone))
+    g = op.Cast(op.Constant(value_float=gamma), to=DOUBLE)
+    voted = op.Mul(votes, op.Exp(op.Mul(g, op.Sub(mean_valid, t))))
+    score = op.Cast(op.Where(op.Greater(votes, op.Cast(op.Constant(value_float=0.0), to=DOUBLE)), voted, mean_all), to=FLOAT)
+    k = op.Cast(op.Constant(value_int=vote_k), to=DOUBLE)
+    vote_rows = op.ReduceSum(op.Cast(op.GreaterOrEqual(votes, k), to=INT64), last, keepdims=0)
+
+    # TopK: descending, lower index first on ties (ONNX spec); the first `drop` go.
+    _, order = op.TopK(score, op.Shape(score, start=1, end=2), axis=-1, largest=1, sorted=1)
+    kept_a = op.Add(op.Mul(op.Slice(order, op.Reshape(op.Constant(value_int=drop), one), end, one), two), p)
+    batch = op.Shape(keys, start=0, end=1)
+    protected = op.Range(op.Squeeze(zero), op.Squeeze(p), op.Squeeze(one))
+    all_b = op.Range(op.Squeeze(op.Add(p, one)), op.Squeeze(op.Shape(keys, start=1, end=2)), op.Squeeze(two))
+    keep_index = op.Concat(
+        op.Expand(op.Unsqueeze(protected, zero), op.Concat(batch, op.Shape(protected), axis=0)),
+        kept_a,
+        op.Expand(op.Unsqueeze(all_b, zero), op.Concat(batch, op.Shape(all_b), axis=0)),
+        axis=1)
+    return keep_index, vote_rows
+
+
+def function_proto() -> onnx.FunctionProto:
+    """The model-local function; it also declares the plugin attributes the node carries."""
+    proto = SimilarityTopK.to_function_proto()
+    proto.attribute.extend(["plugin_namespace", "plugin_version"])
+    return proto
+
+
+def _onnx_translation(keys, num_protected: int, drop: int, tau: float, vote_k: int, gamma: float):
+    return _saint_opset.SimilarityTopK(
+        keys, num_protected=num_protected, drop=drop, tau=tau, vote_k=vote_k, gamma=gamma,
+        plugin_namespace=DOMAIN, plugin_version=PLUGIN_VERSION, _num_outputs=2)
+
+
+CUSTOM_TRANSLATION_TABLE = {torch.ops.saint.similarity_topk.default: _onnx_translation}

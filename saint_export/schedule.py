@@ -1,0 +1,206 @@
+"""Keep schedules (DESIGN §2): how many patch tokens each block drops.
+
+| form              | meaning                                                              |
+| ----------------- | -------------------------------------------------------------------- |
+| none              | no pruning                                                           |
+| dynamic           | the reference method's data-dependent r in blocks 0 … ⌊D/2⌋−1 (eager) |
+| early<P>[@<B>]    | reach round(P% · n₀) patches by the end of the first B (⌊D/2⌋) blocks |
+| r:<r0>,<r1>,…     | explicit drops for blocks 0, 1, …                                    |
+| calib:<file.json> | drops measured by `saint-export calibrate`                           |
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ops import TOPK_LIMIT
+
+EXPORTABLE_HINT = "use early<P> (e.g. early50) or calib:<file.json> for a static budget"
+
+
+class ScheduleError(ValueError):
+    """A keep schedule that is malformed or impossible for the model."""
+
+
+@dataclass(frozen=True)
+class KeepSchedule:
+    spec: str
+    depth: int
+    num_patches: int
+    # Per-block drop counts; None for `dynamic`, where r is decided per batch at run time.
+    drops: tuple[int, ...] | None
+    num_protected: int = 1
+    embed_dim: int = 768
+    mlp_ratio: float = 4.0
+
+    @classmethod
+    def parse(cls, spec: str, depth: int, num_patches: int, *, num_protected: int = 1,
+              embed_dim: int = 768, mlp_ratio: float = 4.0) -> "KeepSchedule":
+        """Resolve `spec` for a model with `depth` blocks and `num_patches` patch tokens."""
+        if depth < 1 or num_patches < 1:
+            raise ScheduleError(f"need depth ≥ 1 and num_patches ≥ 1, got {depth} and {num_patches}")
+        kind, arg = parse_spec(spec)
+        if kind == "none":
+            drops = (0,) * depth
+        elif kind == "dynamic":
+            drops = None
+        elif kind == "early":
+            percent, blocks = arg
+            drops = _early_drops(spec, percent, depth // 2 if blocks is None else blocks, depth, num_patches)
+        elif kind == "r":
+            drops = arg
+        else:
+            drops = _read_calibration(arg, depth, num_patches)
+        if drops is not None:
+            if len(drops) > depth:
+                raise ScheduleError(f"keep schedule {spec!r} lists {len(drops)} blocks but the model has {depth}")
+            drops = tuple(drops) + (0,) * (depth - len(drops))
+            _check_limits(spec, drops, num_patches)
+        return cls(spec, depth, num_patches, drops, num_protected, embed_dim, mlp_ratio)
+
+    @property
+    def is_static(self) -> bool:
+        return self.drops is not None
+
+    @property
+    def pruning_blocks(self) -> list[int]:
+        if self.drops is None:
+            return list(range(self.depth // 2))
+        return [i for i, r in enumerate(self.drops) if r > 0]
+
+    def patch_counts(self) -> list[int]:
+        """Patch tokens entering each block, plus the count after the last block."""
+        counts = [self.num_patches]
+        for r in self.drops or (0,) * self.depth:
+            counts.append(counts[-1] - r)
+        return counts
+
+    def flops_ratio(self) -> float:
+        """Transformer-block MACs of this schedule over the unpruned model's (static only)."""
+        counts = self.patch_counts()
+        pruned = sum(_block_macs(counts[i], counts[i + 1], self) for i in range(self.depth))
+        full = self.depth * _block_macs(self.num_patches, self.num_patches, self)
+        return pruned / full
+
+    def table(self) -> str:
+        """The per-block table: block, tokens in, dropped, tokens out."""
+        p = self.num_protected
+        lines = [f"keep schedule {self.spec!r}: depth {self.depth}, {self.num_patches} patches + {p} protected",
+                 f"{'block':>5}  {'tokens in':>9}  {'dropped':>7}  {'tokens out':>10}"]
+        if self.drops is None:
+            for i in range(self.depth):
+                r = "dynamic" if i < self.depth // 2 else "0"
+                lines.append(f"{i:>5}  {'?':>9}  {r:>7}  {'?':>10}")
+            lines.append("FLOPs ratio: data-dependent (dynamic)")
+            return "\n".join(lines)
+        counts = self.patch_counts()
+        for i, r in enumerate(self.drops):
+            lines.append(f"{i:>5}  {counts[i] + p:>9}  {r:>7}  {counts[i + 1] + p:>10}")
+        lines.append(f"FLOPs ratio to unpruned (transformer blocks): {self.flops_ratio():.3f}"
+                     f"  (ideal speed-up {1 / self.flops_ratio():.2f}x)")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        counts = self.patch_counts() if self.drops else None
+        return {
+            "spec": self.spec, "depth": self.depth, "num_patches": self.num_patches,
+            "num_protected": self.num_protected,
+            "blocks": None if self.drops is None else [
+                {"block": i, "tokens_in": counts[i] + self.num_protected, "dropped": r,
+                 "tokens_out": counts[i + 1] + self.num_protected} for i, r in enumerate(self.drops)],
+            "flops_ratio": None if self.drops is None else self.flops_ratio(),
+        }
+
+
+_EARLY = re.compile(r"early(\d+(?:\.\d+)?)(?:@(\d+))?")
+_R_LIST = re.compile(r"r:(\d+(?:,\d+)*)")
+
+
+def parse_spec(spec: str):
+    """Syntax only (no model needed): returns (kind, argument) or raises ScheduleError."""
+    if not isinstance(spec, str):
+        raise ScheduleError(f"keep schedule must be a string, got {type(spec).__name__}")
+    text = spec.strip()
+    if text in ("none", "dynamic"):
+        return text, None
+    if m := _EARLY.fullmatch(text):
+        percent = float(m.group(1))
+        if not 0 < percent <= 100:
+            raise ScheduleError(f"keep schedule {spec!r}: the percentage must be in (0, 100]")
+        blocks = int(m.group(2)) if m.group(2) else None
+        if blocks == 0:
+            raise ScheduleError(f"keep schedule {spec!r}: the stage needs at least one block (@1 or more)")
+        return "early", (percent, blocks)
+    if m := _R_LIST.fullmatch(text):
+        return "r", tuple(int(v) for v in m.group(1).split(","))
+    if text.startswith("calib:") and len(text) > len("calib:"):
+        return "calib", Path(text[len("calib:"):])
+    raise ScheduleError(
+        f"malformed keep schedule {spec!r}: expected none, dynamic, early<P>, early<P>@<B>, "
+        "r:<r0>,<r1>,… or calib:<file.json>")
+
+
+def _early_drops(spec, percent, stage, depth, num_patches):
+    if stage > depth:
+        raise ScheduleError(f"keep schedule {spec!r}: the stage has {stage} blocks but the model has {depth}")
+    if stage == 0:
+        raise ScheduleError(f"keep schedule {spec!r}: a {depth}-block model has no early stage; use early<P>@<B>")
+    target = math.floor(percent / 100 * num_patches + 0.5)
+    if target < 1:
+        raise ScheduleError(f"keep schedule {spec!r}: keeps {target} of {num_patches} patches; "
+                            "at least one patch token must remain")
+    drops, n = [], num_patches
+    for block in range(stage):
+        r = min(math.ceil((n - target) / (stage - block)), math.ceil(n / 2))
+        drops.append(r)
+        n -= r
+    if n != target:
+        raise ScheduleError(
+            f"keep schedule {spec!r}: cannot reach {target} of {num_patches} patches in {stage} blocks "
+            f"(each block drops at most half; the budget recursion ends at {n}): keep more or use more blocks")
+    return drops
+
+
+def _check_limits(spec, drops, num_patches):
+    n = num_patches
+    for block, r in enumerate(drops):
+        n_a = math.ceil(n / 2)
+        if r > n_a:
+            raise ScheduleError(f"keep schedule {spec!r}: block {block} drops {r} but can drop at most "
+                                f"⌈{n}/2⌉ = {n_a} (the A half of its {n} patches)")
+        if n - r < 1:
+            raise ScheduleError(f"keep schedule {spec!r}: block {block} would drop all {n} remaining patches; "
+                                "at least one patch token must remain")
+        if r > 0 and n_a > TOPK_LIMIT:
+            raise ScheduleError(f"keep schedule {spec!r}: block {block} ranks {n_a} tokens, above TensorRT's "
+                                f"TopK limit of {TOPK_LIMIT}")
+        n -= r
+
+
+def _read_calibration(path: Path, depth: int, num_patches: int):
+    try:
+        data = json.loads(path.read_text())
+        drops = data["drops"]
+    except FileNotFoundError:
+        raise ScheduleError(f"calibration file {str(path)!r} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ScheduleError(f"calibration file {str(path)!r} is not a saint-export calibration "
+                            f"(expected JSON with a 'drops' list): {err}") from None
+    if not (isinstance(drops, list) and all(isinstance(r, int) and r >= 0 for r in drops)):
+        raise ScheduleError(f"calibration file {str(path)!r}: 'drops' must be a list of non-negative integers")
+    for key, expected in (("depth", depth), ("num_patches", num_patches)):
+        if key in data and data[key] != expected:
+            raise ScheduleError(f"calibration file {str(path)!r} was measured with {key}={data[key]}, "
+                                f"but this model has {key}={expected}")
+    return drops
+
+
+def _block_macs(patches_in: int, patches_out: int, s: KeepSchedule) -> float:
+    """MACs of one pre-norm block: attention on the tokens in, MLP on the tokens kept."""
+    n_in, n_out, c = patches_in + s.num_protected, patches_out + s.num_protected, s.embed_dim
+    attention = 4 * n_in * c * c + 2 * n_in * n_in * c  # qkv + proj, QKᵀ + AV
+    mlp = 2 * n_out * c * int(c * s.mlp_ratio)
+    return attention + mlp
