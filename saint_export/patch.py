@@ -27,7 +27,7 @@ class SaintState:
     vote_k: int
     gamma: float
     adapter: str
-    # While recording: one (block, keep_index, vote_rows) per pruning block and forward.
+    # While recording: one (block, keep_index, vote_rows, keys) per pruning block and forward.
     trace: list | None = field(default=None, repr=False)
 
 
@@ -56,7 +56,7 @@ class TokenDropper:
             keep, vote_rows = torch.ops.saint.similarity_topk(
                 keys, self.num_protected, self.drop, s.tau, s.vote_k, s.gamma)
         if s.trace is not None:
-            s.trace.append((self.block, keep, vote_rows))
+            s.trace.append((self.block, keep, vote_rows, keys))
         return keep
 
 
@@ -97,7 +97,10 @@ def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50",
 
 @contextlib.contextmanager
 def record_kept(model: torch.nn.Module):
-    """Collect (block, keep_index, vote_rows) of every pruning block while the context is open."""
+    """Collect (block, keep_index, vote_rows, keys) of every pruning block while the context is open.
+
+    keep_index is None where a dynamic block dropped nothing.
+    """
     state = getattr(model, "saint", None)
     if state is None:
         raise SaintError("model has no SAINT applied")

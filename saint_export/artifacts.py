@@ -1,0 +1,91 @@
+"""Output folders that are complete or absent, and the manifest that describes them (DESIGN §5)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+
+
+class OutputError(OSError):
+    """An output folder that cannot be written."""
+
+
+class StagedOutput:
+    """Collect files in a hidden sibling folder; `commit()` swaps it into place in one rename.
+
+    Leaving the `with` block without a commit (an error, Ctrl-C) deletes the staging folder, so
+    an interrupted run never leaves a folder that looks finished.
+    """
+
+    def __init__(self, final: Path):
+        self.final = Path(final).absolute()
+        check_writable(self.final)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+
+    def __enter__(self) -> "StagedOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def commit(self) -> Path:
+        os.chmod(self.path, 0o755)  # mkdtemp makes it private
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            self.final.rename(old)
+        self.path.rename(self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+
+def check_writable(final: Path) -> None:
+    """Refuse, before any model work, a folder we could not (or should not) write."""
+    final = Path(final).absolute()
+    if final.exists() and not final.is_dir():
+        raise OutputError(f"output {str(final)!r} exists and is not a folder")
+    if final.is_dir() and any(final.iterdir()) and not (final / MANIFEST).is_file():
+        raise OutputError(f"output folder {str(final)!r} is not empty and holds no saint-export manifest; "
+                          "refusing to replace it (choose another --output)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=final.parent):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write to output folder {str(final)!r}: {err.strerror or err}") from None
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for package in ("saint-export", "torch", "timm", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+                    "tensorrt", "polygraphy"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def checksums(folder: Path, names: list[str]) -> dict:
+    return {name: {"sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size} for name in names}

@@ -1,0 +1,336 @@
+"""`saint-export`: model → SAINT → ONNX → parity gate → one output folder.
+
+    saint-export vit_b16 --keep-schedule early50 --weights random
+    saint-export calibrate vit_b16 --weights random --output calib.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_GATE_FAILED = 3
+
+
+class Progress:
+    """Step lines with timings on stderr; a live counter when stderr is a terminal."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.timings = total, 0, {}
+
+    def step(self, label: str):
+        progress = self
+
+        class _Step:
+            def __enter__(self):
+                progress.index += 1
+                self.t0 = time.perf_counter()
+                _err(f"[{progress.index}/{progress.total}] {label} …")
+                return self
+
+            def __exit__(self, exc_type, *_):
+                seconds = time.perf_counter() - self.t0
+                progress.timings[label] = round(seconds, 3)
+                if exc_type is None:
+                    _err(f"      done in {seconds:.1f} s")
+                return False
+
+        return _Step()
+
+    @staticmethod
+    def counter(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\r      {done}/{total} images", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saint-export", description="Export a SAINT-pruned Vision Transformer to ONNX "
+                                "and prove it against eager PyTorch. (Also: saint-export calibrate --help)")
+    p.add_argument("model", nargs="?", help="alias (vit_b16, vit_h14, …; see --list-models) or any timm model name")
+    p.add_argument("-s", "--keep-schedule", default="early50",
+                   help="none | early<P>[@<B>] | r:<r0>,<r1>,… | calib:<file.json> (default: early50)")
+    _common_arguments(p)
+    p.add_argument("-o", "--output", type=Path, help="output folder (default: engines/<model>-<schedule>)")
+    p.add_argument("--batch", type=int, default=8, help="parity batch size; the gate runs batch 1 and this (default 8)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, ≥ 18 (default 18)")
+    p.add_argument("--parity-images", type=int, default=8, help="synthetic parity images (default 8)")
+    p.add_argument("--images", type=Path, help="folder of your own images to add to the parity check")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity gate (recorded in the manifest)")
+    p.add_argument("--print-schedule", action="store_true", help="print the resolved schedule table and exit")
+    p.add_argument("--list-models", action="store_true", help="list the model aliases and exit")
+    return p
+
+
+def _calibrate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saint-export calibrate", description="Measure per-block budgets with the "
+                                "dynamic (reference) method, one image at a time; writes a calib:<file> schedule.")
+    p.add_argument("model")
+    _common_arguments(p)
+    p.add_argument("-o", "--output", type=Path, required=True, help="calibration JSON to write")
+    p.add_argument("--images", type=Path, help="folder of calibration images (default: synthetic images)")
+    p.add_argument("--num-images", type=int, default=32, help="synthetic images when --images is not given")
+    p.add_argument("--percentile", type=float, default=50.0, help="per-block percentile of r (default: median)")
+    return p
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="pretrained",
+                   help="pretrained (needs the model hub) | random (seeded) | <checkpoint file> (default pretrained)")
+    p.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
+    p.add_argument("--tau", type=float, default=0.75, help="similarity threshold τ (default 0.75)")
+    p.add_argument("--K", type=int, default=5, help="votes that make a row redundant (default 5)")
+    p.add_argument("--gamma", type=float, default=10.0, help="score sharpness γ (default 10)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    calibrating = bool(argv) and argv[0] == "calibrate"
+    args = (_calibrate_parser() if calibrating else _export_parser()).parse_args(argv[1:] if calibrating else argv)
+    # SIGTERM unwinds like Ctrl-C, so staged output is cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return calibrate(args) if calibrating else export(args)
+    except KeyboardInterrupt:
+        _err("saint-export: interrupted; nothing was written")
+        return 130
+    except Exception as err:  # one line, no traceback, for anything the user can fix
+        from .artifacts import OutputError
+        from .patch import SaintError
+
+        if isinstance(err, (SaintError, OutputError)):
+            _err(f"saint-export: error: {err}")
+            return EXIT_BAD_INPUT
+        if args.debug:
+            raise
+        _err(f"saint-export: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+             "(rerun with --debug for the traceback)")
+        return 1
+
+
+def _resolve(args):
+    """Everything that needs no weights: names, schedule, output folder. Fails fast."""
+    from . import KeepSchedule
+    from .models import architecture, check_weights_arg
+    from .patch import _check_hyperparameters
+    from .schedule import parse_spec
+
+    spec = getattr(args, "keep_schedule", "dynamic")
+    parse_spec(spec)
+    _check_hyperparameters(args.tau, args.K, args.gamma)
+    check_weights_arg(args.weights)
+    arch = architecture(args.model, args.img_size)
+    schedule = KeepSchedule.parse(spec, arch.depth, arch.num_patches, num_protected=arch.num_protected,
+                                  embed_dim=arch.embed_dim, mlp_ratio=arch.mlp_ratio)
+    return arch, schedule
+
+
+def export(args) -> int:
+    from .models import ALIASES
+
+    if args.list_models:
+        print("\n".join(f"{alias:<20} {name}" for alias, name in ALIASES.items()))
+        return 0
+    if not args.model:
+        _export_parser().error("the model argument is required")
+    from .artifacts import StagedOutput, check_writable
+    from .patch import SaintError
+    from .schedule import EXPORTABLE_HINT
+
+    for flag, value in (("--batch", args.batch), ("--parity-images", args.parity_images)):
+        if value < 1:
+            raise SaintError(f"{flag} must be ≥ 1, got {value}")
+    if args.images is not None and not args.images.is_dir():
+        raise SaintError(f"--images {str(args.images)!r} is not a folder")
+    arch, schedule = _resolve(args)
+    if args.print_schedule:
+        print(schedule.table())
+        return 0
+    if not schedule.is_static:
+        raise SaintError(f"keep schedule 'dynamic' cannot be exported (its token counts depend on the data); "
+                         f"{EXPORTABLE_HINT}")
+    output = args.output or Path("engines") / f"{args.model}-{_slug(schedule.spec)}"
+    check_writable(output)
+    _err(schedule.table())
+    progress = Progress(4 if args.no_verify else 5)
+    with StagedOutput(output) as staged:
+        result = _build(args, arch, schedule, staged.path, progress)
+        if result["parity"] is not None and not result["parity"].passed:
+            _err("\nparity gate FAILED; nothing was written:\n" + result["parity"].table())
+            return EXIT_GATE_FAILED
+        final = staged.commit()
+    _summary(final, schedule, result, progress)
+    return 0
+
+
+def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
+    import saint_export as se
+
+    from . import artifacts
+    from .export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
+    from .models import load
+    from .ops import DOMAIN, OP_TYPE, PLUGIN_VERSION
+    from .validate import check_onnx_parity, normalise, synthetic_images
+
+    with progress.step(f"loading {arch.timm_name} ({arch.num_params / 1e6:.1f} M parameters, {args.weights} weights)"):
+        model = load(arch, args.weights)
+        se.apply(model, schedule, tau=args.tau, K=args.K, gamma=args.gamma)
+    with progress.step(f"exporting ONNX (torch.export, opset {args.opset})"):
+        files = export_onnx(model, folder / "model.onnx", (3, arch.img_size, arch.img_size), args.opset)
+    parity = None
+    if not args.no_verify:
+        with progress.step(f"parity gate: eager vs ONNX Runtime, batch 1 and {args.batch}"):
+            images = normalise(synthetic_images(args.parity_images, arch.img_size), model)
+            if args.images is not None:
+                images = torch_cat(images, _load_folder(args.images, model))
+            parity = check_onnx_parity(model, files[0], images, (1, args.batch), Progress.counter)
+    with progress.step("writing manifest and report"):
+        config = model.pretrained_cfg
+        names = [f.name for f in files]
+        artifacts.write_json(folder / artifacts.REPORT, {
+            "parity": parity.as_dict() if parity else None,
+            "flops_ratio": schedule.flops_ratio(),
+            "timings_seconds": progress.timings,
+        })
+        names.append(artifacts.REPORT)
+        manifest = {
+            "format": "saint-export/1",
+            "verified": parity is not None,
+            "verification": "parity gate passed" if parity else "skipped (--no-verify)",
+            "model": {"name": arch.name, "timm_name": arch.timm_name, "weights": _weights_record(args.weights),
+                      "parameters": arch.num_params},
+            "input": {"name": INPUT_NAME, "shape": ["batch", 3, arch.img_size, arch.img_size], "dtype": "float32",
+                      "mean": list(config.get("mean", ())), "std": list(config.get("std", ()))},
+            "output": {"name": OUTPUT_NAME, "dtype": "float32"},
+            "keep_schedule": schedule.as_dict(),
+            "saint": {"tau": args.tau, "K": args.K, "gamma": args.gamma},
+            "onnx": {"opset": args.opset, "default_opset": DEFAULT_OPSET, "exporter": "torch.onnx (dynamo)",
+                     "operator": {"domain": DOMAIN, "op_type": OP_TYPE, "plugin_namespace": DOMAIN,
+                                  "plugin_version": PLUGIN_VERSION, "local_function": True}},
+            "precision": "fp32",
+            "tensorrt": None, "gpu": None, "compute_capability": None, "plugin_library": None,
+            "versions": artifacts.versions(),
+            "files": artifacts.checksums(folder, names),
+        }
+        artifacts.write_json(folder / artifacts.MANIFEST, manifest)
+    return {"files": names + [artifacts.MANIFEST], "parity": parity}
+
+
+def torch_cat(a, b):
+    import torch
+
+    return torch.cat([a, b])
+
+
+def _load_folder(folder: Path, model):
+    """Images from a folder, with the model's own eval transform (timm)."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    from timm.data import create_transform, resolve_data_config
+
+    from .patch import SaintError
+
+    transform = create_transform(**resolve_data_config({}, model=model))
+    tensors = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            with Image.open(path) as image:
+                tensors.append(transform(image.convert("RGB")))
+        except (UnidentifiedImageError, OSError):
+            continue
+    if not tensors:
+        raise SaintError(f"--images {str(folder)!r} holds no readable images")
+    return torch.stack(tensors)
+
+
+def _weights_record(weights: str):
+    if weights == "random":
+        return {"source": "random", "seed": 0}
+    if weights == "pretrained":
+        return {"source": "pretrained (timm tag, model hub)"}
+    from .artifacts import sha256
+
+    return {"source": "file", "path": str(Path(weights).absolute()), "sha256": sha256(Path(weights))}
+
+
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in spec.replace("calib:", "calib-"))
+
+
+def _summary(folder: Path, schedule, result: dict, progress: Progress) -> None:
+    parity = result["parity"]
+    print(f"\nexported {schedule.spec} → {folder}")
+    print(f"  FLOPs ratio to unpruned: {schedule.flops_ratio():.3f} (ideal speed-up {1 / schedule.flops_ratio():.2f}x)")
+    if parity:
+        print(f"  parity: passed on {parity.images} image runs (batch {parity.batch_sizes}), "
+              f"max |Δlogits| {parity.max_abs_diff:.2g}, top-1 agreement {parity.top1_agreement:.0%}, "
+              f"kept sets identical in {len(parity.blocks)} pruning blocks"
+              + (f" ({len(parity.near_ties)} numerical near-tie runs, see report.json)" if parity.near_ties else ""))
+    else:
+        print("  parity: NOT verified (--no-verify)")
+    print("  time: " + ", ".join(f"{k.split(' ')[0]} {v:.1f} s" for k, v in progress.timings.items()))
+    for name in result["files"]:
+        print(f"  {folder / name}  ({(folder / name).stat().st_size / 1e6:.1f} MB)")
+
+
+def calibrate(args) -> int:
+    import numpy as np
+    import torch
+
+    import saint_export as se
+
+    from . import artifacts
+    from .models import load
+    from .patch import SaintError
+    from .validate import normalise, synthetic_images
+
+    if args.num_images < 1 or not 0 <= args.percentile <= 100:
+        raise SaintError("--num-images must be ≥ 1 and --percentile within [0, 100]")
+    arch, schedule = _resolve(args)
+    artifacts.check_writable(args.output.absolute().parent / ".calibration")
+    progress = Progress(2)
+    with progress.step(f"loading {arch.timm_name} ({args.weights} weights)"):
+        model = se.apply(load(arch, args.weights), "dynamic", tau=args.tau, K=args.K, gamma=args.gamma)
+        images = _load_folder(args.images, model) if args.images else \
+            normalise(synthetic_images(args.num_images, arch.img_size), model)
+    per_image = []
+    with progress.step(f"running the dynamic method on {len(images)} images, one at a time"):
+        for i in range(len(images)):
+            with torch.no_grad(), se.record_kept(model) as trace:
+                model(images[i:i + 1])
+            drops = [0] * len(schedule.pruning_blocks)
+            for block, keep, *_ in trace:
+                drops[block] = 0 if keep is None else (arch.num_patches + arch.num_protected - sum(drops)
+                                                       - keep.shape[1])
+            per_image.append(drops)
+            Progress.counter(i + 1, len(images))
+    measured = np.percentile(np.array(per_image), args.percentile, axis=0)
+    drops, n = [], arch.num_patches
+    for r in measured:  # floor, then keep within the per-block limits of DESIGN §2
+        r = min(int(r), (n + 1) // 2, n - 1)
+        drops.append(r)
+        n -= r
+    data = {"format": "saint-export-calibration/1", "model": arch.timm_name, "depth": arch.depth,
+            "num_patches": arch.num_patches, "tau": args.tau, "K": args.K, "gamma": args.gamma,
+            "images": len(images), "percentile": args.percentile, "per_image_drops": per_image, "drops": drops}
+    tmp = args.output.with_name(f".{args.output.name}.partial")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(args.output)
+    calibrated = se.KeepSchedule.parse(f"calib:{args.output}", arch.depth, arch.num_patches,
+                                       num_protected=arch.num_protected, embed_dim=arch.embed_dim,
+                                       mlp_ratio=arch.mlp_ratio)
+    print(calibrated.table())
+    print(f"wrote {args.output}; use --keep-schedule calib:{args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

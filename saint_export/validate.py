@@ -1,0 +1,206 @@
+"""Parity gates (DESIGN §6): an exported graph against eager PyTorch on the same images."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import core
+from .export import INPUT_NAME, write_audit_model
+from .patch import record_kept
+
+FP32_TOLERANCE = 1e-4  # max |ours − eager| ≤ 1e-4 · max(1, max |eager|)
+# Two backends compute a block's input with different kernels (~1e-7 apart), so tokens whose
+# eager scores are this close (relative) may rank either way: a numerical near-tie, not a bug.
+NEAR_TIE = 1e-5
+
+
+def synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    """[count, 3, size, size] images in [0, 1] with the structure of real photos' easy parts.
+
+    Flat regions and repeated patch-aligned blocks make many tokens (near-)identical, so SAINT
+    finds high similarity and exact score ties; the smooth fields and noise keep others distinct.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = []
+    for i in range(count):
+        kind = i % 8
+        colour = rng.uniform(0, 1, (3, 1, 1))
+        if kind == 0:  # one flat colour
+            img = np.broadcast_to(colour, (3, size, size))
+        elif kind == 1:  # sky over ground
+            img = np.where(yy < rng.uniform(0.3, 0.7), colour, rng.uniform(0, 1, (3, 1, 1)))
+        elif kind == 2:  # flat background with solid shapes
+            img = np.broadcast_to(colour, (3, size, size)).copy()
+            for _ in range(3):
+                cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.2)
+                img = np.where((yy - cy) ** 2 + (xx - cx) ** 2 < r * r, rng.uniform(0, 1, (3, 1, 1)), img)
+        elif kind == 3:  # checkerboard of coarse flat blocks
+            cells = rng.integers(2, 6)
+            img = np.where(((yy * cells).astype(int) + (xx * cells).astype(int)) % 2 == 0,
+                           colour, rng.uniform(0, 1, (3, 1, 1)))
+        elif kind == 4:  # smooth gradient
+            img = colour * (0.3 + 0.7 * (rng.uniform(0, 1) * yy + rng.uniform(0, 1) * xx) / 2)
+        elif kind == 5:  # smooth random field, photo-like
+            coarse = rng.uniform(0, 1, (3, 4, 4))
+            img = np.stack([np.kron(c, np.ones((size // 4 + 1, size // 4 + 1)))[:size, :size] for c in coarse])
+        elif kind == 6:  # flat with a noisy patch of texture
+            img = np.broadcast_to(colour, (3, size, size)).copy()
+            h = size // 3
+            img[:, h:2 * h, h:2 * h] = rng.uniform(0, 1, (3, h, h))
+        else:  # stripes
+            img = np.where((yy * rng.integers(3, 9)).astype(int) % 2 == 0, colour, 1 - colour)
+        images.append(np.asarray(img, dtype=np.float32))
+    return torch.from_numpy(np.stack(images))
+
+
+def normalise(images: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    config = getattr(model, "pretrained_cfg", {}) or {}
+    mean = torch.tensor(config.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
+    std = torch.tensor(config.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+@dataclass
+class ParityReport:
+    batch_sizes: list[int]
+    images: int = 0
+    tolerance: float = 0.0
+    max_abs_diff: float = 0.0  # over image runs whose kept tokens matched in every block
+    top1_agreement: float = 1.0  # over all image runs
+    blocks: dict = field(default_factory=dict)  # block → {"compared", "set_equal", "order_equal", "votes_equal"}
+    near_ties: list = field(default_factory=list)  # (image, batch size, block, relative score gap)
+    eager_seconds: float = 0.0
+    onnx_seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[str]:
+        failed = []
+        if self.max_abs_diff > self.tolerance:
+            failed.append(f"logits: max |onnx − eager| = {self.max_abs_diff:.3g} > {self.tolerance:.3g}")
+        if self.top1_agreement < 1.0:
+            failed.append(f"top-1 agreement {self.top1_agreement:.1%} < 100%")
+        for block, stats in self.blocks.items():
+            if stats["set_equal"] < stats["compared"]:
+                failed.append(f"block {block}: kept sets differ on {stats['compared'] - stats['set_equal']} "
+                              f"of {stats['compared']} images")
+        return failed
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def table(self) -> str:
+        rows = [("logits max |Δ|", f"{self.max_abs_diff:.3g} (≤ {self.tolerance:.3g})",
+                 self.max_abs_diff <= self.tolerance),
+                ("top-1 agreement", f"{self.top1_agreement:.1%}", self.top1_agreement == 1.0)]
+        for block, s in self.blocks.items():
+            rows.append((f"block {block} kept tokens", f"set {s['set_equal']}/{s['compared']}, "
+                         f"order {s['order_equal']}/{s['compared']}", s["set_equal"] == s["compared"]))
+        lines = [f"{'check':<26} {'result':<30} gate"]
+        lines += [f"{name:<26} {result:<30} {'pass' if ok else 'FAIL'}" for name, result, ok in rows]
+        for image, batch, block, gap in self.near_ties:
+            lines.append(f"near-tie: image {image} (batch {batch}) diverged at block {block}, eager score gap "
+                         f"{gap:.1e} (float noise); later blocks and its logits not compared")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "failures": self.failures, "image_runs": self.images,
+                "batch_sizes": self.batch_sizes, "tolerance": self.tolerance, "max_abs_diff": self.max_abs_diff,
+                "top1_agreement": self.top1_agreement, "blocks": self.blocks,
+                "near_ties": [dict(zip(("image", "batch", "block", "score_gap"), t)) for t in self.near_ties],
+                "eager_seconds": self.eager_seconds, "onnxruntime_seconds": self.onnx_seconds}
+
+
+def onnx_session(path: Path, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def near_tie_gap(state, keys: torch.Tensor, eager_keep: np.ndarray, other_keep: np.ndarray) -> float | None:
+    """Where two selections from the same block input differ: the largest relative gap between
+    the eager scores of the tokens each put at a differing position. None if a protected or B
+    position differs (not a ranking question at all)."""
+    p = state.schedule.num_protected
+    differ = np.flatnonzero(eager_keep != other_keep)
+    mine, theirs = eager_keep[differ] - p, other_keep[differ] - p
+    if (mine < 0).any() or (theirs < 0).any() or (mine % 2).any() or (theirs % 2).any():
+        return None
+    score = core.redundancy_scores(keys[None], p, state.tau, state.vote_k, state.gamma)[0][0].double().numpy()
+    a, b = score[mine // 2], score[theirs // 2]
+    return float((np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-30)).max())
+
+
+def check_onnx_parity(model: torch.nn.Module, onnx_path: Path, inputs: torch.Tensor,
+                      batch_sizes: tuple[int, ...] = (1, 3), progress=None) -> ParityReport:
+    """Run `inputs` through eager `model` and ONNX Runtime at each batch size and compare.
+
+    Kept tokens are compared block by block. When an image first diverges in a block whose
+    input still matched, and eager scores the swapped tokens within NEAR_TIE (relative) of
+    each other, float noise decided it: that is recorded as a near-tie, and the image's later
+    blocks and logits are left out of the comparison (its top-1 is still checked).
+    """
+    audit = onnx_path.with_name(f".audit-{onnx_path.name}")
+    try:
+        block_outputs = write_audit_model(onnx_path, audit)
+        session = onnx_session(audit)
+    finally:
+        audit.unlink(missing_ok=True)
+    state = getattr(model, "saint", None)
+    blocks = state.schedule.pruning_blocks if state else []
+    if len(blocks) != len(block_outputs):
+        raise RuntimeError(f"the ONNX graph has {len(block_outputs)} SimilarityTopK nodes for {len(blocks)} "
+                           "pruning blocks")
+    output_names = [session.get_outputs()[0].name] + [name for pair in block_outputs for name in pair]
+    report = ParityReport(list(batch_sizes))
+    report.blocks = {b: {"compared": 0, "set_equal": 0, "order_equal": 0, "votes_equal": 0} for b in blocks}
+    worst_scale, agree = 1.0, 0
+    for bs in batch_sizes:
+        for start in range(0, len(inputs), bs):
+            x = inputs[start:start + bs]
+            t0 = time.perf_counter()
+            with torch.no_grad(), (record_kept(model) if blocks else contextlib.nullcontext()) as trace:
+                eager = model(x)
+            t1 = time.perf_counter()
+            outputs = session.run(output_names, {INPUT_NAME: x.numpy()})
+            report.eager_seconds += t1 - t0
+            report.onnx_seconds += time.perf_counter() - t1
+            eager = eager.float().numpy()
+            agree += int((outputs[0].argmax(-1) == eager.argmax(-1)).sum())
+            diverged = np.zeros(len(x), dtype=bool)
+            for i, (block, keep, votes, keys) in enumerate(trace or []):
+                onnx_keep, onnx_votes, keep = outputs[1 + 2 * i], outputs[2 + 2 * i], keep.numpy()
+                stats = report.blocks[block]
+                for b in np.flatnonzero(~diverged):
+                    stats["compared"] += 1
+                    stats["votes_equal"] += int(onnx_votes[b] == votes[b])
+                    if (onnx_keep[b] == keep[b]).all():
+                        stats["order_equal"] += 1
+                        stats["set_equal"] += 1
+                        continue
+                    gap = near_tie_gap(state, keys[b], keep[b], onnx_keep[b])
+                    if gap is not None and gap <= NEAR_TIE:
+                        stats["compared"] -= 1
+                        stats["votes_equal"] -= int(onnx_votes[b] == votes[b])
+                        report.near_ties.append((start + int(b), bs, block, gap))
+                        diverged[b] = True
+                    else:
+                        stats["set_equal"] += int((np.sort(onnx_keep[b]) == np.sort(keep[b])).all())
+            worst_scale = max(worst_scale, float(np.abs(eager).max()))
+            if (~diverged).any():
+                report.max_abs_diff = max(report.max_abs_diff,
+                                          float(np.abs(outputs[0] - eager)[~diverged].max()))
+            report.images += len(x)
+            if progress:
+                progress(report.images, len(inputs) * len(batch_sizes))
+    report.tolerance = FP32_TOLERANCE * worst_scale
+    report.top1_agreement = agree / max(report.images, 1)
+    return report
