@@ -9,7 +9,7 @@ when it has c > 0 votes, else its mean similarity to B. The `drop` highest-scori
 Kept order: protected tokens, kept A tokens by descending score, then every B token in order.
 Ties rank the lower index first (ONNX TopK's rule).
 
-Precision: scores are fp32 values, but they are accumulated in fp64 and rounded once. Float
+Precision: similarities and scores are fp32 values, accumulated in fp64 and then rounded. Float
 sums depend on summation order, and that order differs between libraries and even between rows
 of one tensor (ONNX Runtime's ReduceSum, torch's norm): in plain fp32, identical tokens got
 scores one ulp apart, so backends broke exact ties differently. fp64 noise (~1e-16) almost never
@@ -40,7 +40,8 @@ def redundancy_scores(keys: torch.Tensor, num_protected: int, tau: float = TAU,
     tau, gamma = _as_fp32(tau), _as_fp32(gamma)
     patches = keys[:, num_protected:].double()
     patches = patches / patches.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
-    sim = patches[:, 0::2] @ patches[:, 1::2].transpose(1, 2)  # [B, n_A, n_B]
+    # Rounded to fp32 so that a cosine of exactly τ compares the same way whatever the summation order.
+    sim = (patches[:, 0::2] @ patches[:, 1::2].transpose(1, 2)).float().double()  # [B, n_A, n_B]
     edges = sim >= tau
     votes = edges.sum(-1).double()
     mean_valid = (sim * edges).sum(-1) / votes.clamp_min(1.0)

@@ -79,6 +79,7 @@ def SimilarityTopK(keys, num_protected: int, drop: int, tau: float, vote_k: int,
     unit = op.Div(patches, op.Max(norm, op.Cast(op.Constant(value_float=1e-12), to=DOUBLE)))
     set_b = op.Slice(unit, one, end, one, two)
     sim = op.MatMul(op.Slice(unit, zero, end, one, two), op.Transpose(set_b, perm=[0, 2, 1]))
+    sim = op.Cast(op.Cast(sim, to=FLOAT), to=DOUBLE)
     edges = op.Cast(op.GreaterOrEqual(sim, t), to=DOUBLE)
     votes = op.ReduceSum(edges, last, keepdims=0)
     mean_valid = op.Div(op.ReduceSum(op.Mul(sim, edges), last, keepdims=0), op.Max(votes, fone))
