@@ -1,6 +1,7 @@
 """Output folders that are complete or absent, and the manifest that describes them (DESIGN §5)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -10,11 +11,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import SaintError
+
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 
 
-class OutputError(OSError):
+class OutputError(SaintError):
     """An output folder that cannot be written."""
 
 
@@ -28,13 +31,20 @@ class StagedOutput:
     def __init__(self, final: Path):
         self.final = Path(final).absolute()
         check_writable(self.final)
+        self.created = [p for p in self.final.parents if not p.exists()]  # removed again on failure
+        self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+        self.committed = False
 
     def __enter__(self) -> "StagedOutput":
         return self
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        if not self.committed:
+            for folder in self.created:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     def commit(self) -> Path:
         os.chmod(self.path, 0o755)  # mkdtemp makes it private
@@ -45,6 +55,7 @@ class StagedOutput:
         self.path.rename(self.final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        self.committed = True
         return self.final
 
 
@@ -56,12 +67,14 @@ def check_writable(final: Path) -> None:
     if final.is_dir() and any(final.iterdir()) and not (final / MANIFEST).is_file():
         raise OutputError(f"output folder {str(final)!r} is not empty and holds no saint-export manifest; "
                           "refusing to replace it (choose another --output)")
+    existing = next(p for p in final.parents if p.exists())
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=final.parent):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise OutputError(f"cannot write to output folder {str(final)!r}: {err.strerror or err}") from None
+        raise OutputError(f"cannot write to output folder {str(final)!r}: {err}") from None
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -103,10 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         _err("saint-export: interrupted; nothing was written")
         return 130
     except Exception as err:  # one line, no traceback, for anything the user can fix
-        from .artifacts import OutputError
-        from .patch import SaintError
+        from .errors import SaintError
 
-        if isinstance(err, (SaintError, OutputError)):
+        if isinstance(err, SaintError):
             _err(f"saint-export: error: {err}")
             return EXIT_BAD_INPUT
         if args.debug:

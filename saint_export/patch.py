@@ -12,11 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import core
+from .errors import SaintError
 from .schedule import KeepSchedule
-
-
-class SaintError(ValueError):
-    """A model or argument that SAINT cannot work with."""
 
 
 @dataclass

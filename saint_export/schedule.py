@@ -16,12 +16,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SaintError
 from .ops import TOPK_LIMIT
 
 EXPORTABLE_HINT = "use early<P> (e.g. early50) or calib:<file.json> for a static budget"
 
 
-class ScheduleError(ValueError):
+class ScheduleError(SaintError):
     """A keep schedule that is malformed or impossible for the model."""
 
 
