@@ -5,7 +5,8 @@ import_torchvision()
 
 from . import ops  # noqa: E402  (registers torch.ops.saint.similarity_topk)
 from .core import GAMMA, TAU, VOTE_K  # noqa: E402
-from .patch import SaintError, apply, record_kept  # noqa: E402
+from .errors import SaintError  # noqa: E402
+from .patch import apply, record_kept  # noqa: E402
 from .schedule import KeepSchedule, ScheduleError  # noqa: E402
 
 __version__ = "0.1.0"

@@ -67,14 +67,26 @@ def check_writable(final: Path) -> None:
     if final.is_dir() and any(final.iterdir()) and not (final / MANIFEST).is_file():
         raise OutputError(f"output folder {str(final)!r} is not empty and holds no saint-export manifest; "
                           "refusing to replace it (choose another --output)")
-    existing = next(p for p in final.parents if p.exists())
+    _check_can_create(final, "output folder")
+
+
+def check_file_writable(path: Path) -> None:
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise OutputError(f"output {str(path)!r} is a folder, not a file")
+    _check_can_create(path, "output file")
+
+
+def _check_can_create(path: Path, what: str) -> None:
+    """The nearest existing ancestor must be a folder we can write in (nothing is created)."""
+    existing = next(p for p in path.parents if p.exists())
     try:
         if not existing.is_dir():
             raise NotADirectoryError(f"{existing} is not a folder")
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise OutputError(f"cannot write to output folder {str(final)!r}: {err}") from None
+        raise OutputError(f"cannot write to {what} {str(path)!r}: {err}") from None
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:

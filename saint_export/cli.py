@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -22,24 +23,14 @@ class Progress:
     def __init__(self, total: int):
         self.total, self.index, self.timings = total, 0, {}
 
+    @contextlib.contextmanager
     def step(self, label: str):
-        progress = self
-
-        class _Step:
-            def __enter__(self):
-                progress.index += 1
-                self.t0 = time.perf_counter()
-                _err(f"[{progress.index}/{progress.total}] {label} …")
-                return self
-
-            def __exit__(self, exc_type, *_):
-                seconds = time.perf_counter() - self.t0
-                progress.timings[label] = round(seconds, 3)
-                if exc_type is None:
-                    _err(f"      done in {seconds:.1f} s")
-                return False
-
-        return _Step()
+        self.index += 1
+        _err(f"[{self.index}/{self.total}] {label} …")
+        t0 = time.perf_counter()
+        yield
+        self.timings[label.split(" ")[0]] = round(time.perf_counter() - t0, 3)
+        _err(f"      done in {time.perf_counter() - t0:.1f} s")
 
     @staticmethod
     def counter(done: int, total: int) -> None:
@@ -119,12 +110,12 @@ def _resolve(args):
     """Everything that needs no weights: names, schedule, output folder. Fails fast."""
     from . import KeepSchedule
     from .models import architecture, check_weights_arg
-    from .patch import _check_hyperparameters
+    from .patch import check_hyperparameters
     from .schedule import parse_spec
 
     spec = getattr(args, "keep_schedule", "dynamic")
     parse_spec(spec)
-    _check_hyperparameters(args.tau, args.K, args.gamma)
+    check_hyperparameters(args.tau, args.K, args.gamma)
     check_weights_arg(args.weights)
     arch = architecture(args.model, args.img_size)
     schedule = KeepSchedule.parse(spec, arch.depth, arch.num_patches, num_protected=arch.num_protected,
@@ -141,12 +132,14 @@ def export(args) -> int:
     if not args.model:
         _export_parser().error("the model argument is required")
     from .artifacts import StagedOutput, check_writable
-    from .patch import SaintError
+    from .errors import SaintError
+    from .export import check_opset
     from .schedule import EXPORTABLE_HINT
 
     for flag, value in (("--batch", args.batch), ("--parity-images", args.parity_images)):
         if value < 1:
             raise SaintError(f"{flag} must be ≥ 1, got {value}")
+    check_opset(args.opset)
     if args.images is not None and not args.images.is_dir():
         raise SaintError(f"--images {str(args.images)!r} is not a folder")
     arch, schedule = _resolve(args)
@@ -171,6 +164,8 @@ def export(args) -> int:
 
 
 def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
+    import torch
+
     import saint_export as se
 
     from . import artifacts
@@ -189,7 +184,7 @@ def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
         with progress.step(f"parity gate: eager vs ONNX Runtime, batch 1 and {args.batch}"):
             images = normalise(synthetic_images(args.parity_images, arch.img_size), model)
             if args.images is not None:
-                images = torch_cat(images, _load_folder(args.images, model))
+                images = torch.cat([images, _load_folder(args.images, model)])
             parity = check_onnx_parity(model, files[0], images, (1, args.batch), Progress.counter)
     with progress.step("writing manifest and report"):
         config = model.pretrained_cfg
@@ -223,19 +218,13 @@ def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
     return {"files": names + [artifacts.MANIFEST], "parity": parity}
 
 
-def torch_cat(a, b):
-    import torch
-
-    return torch.cat([a, b])
-
-
 def _load_folder(folder: Path, model):
     """Images from a folder, with the model's own eval transform (timm)."""
     import torch
     from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform, resolve_data_config
 
-    from .patch import SaintError
+    from .errors import SaintError
 
     transform = create_transform(**resolve_data_config({}, model=model))
     tensors = []
@@ -275,7 +264,7 @@ def _summary(folder: Path, schedule, result: dict, progress: Progress) -> None:
               + (f" ({len(parity.near_ties)} numerical near-tie runs, see report.json)" if parity.near_ties else ""))
     else:
         print("  parity: NOT verified (--no-verify)")
-    print("  time: " + ", ".join(f"{k.split(' ')[0]} {v:.1f} s" for k, v in progress.timings.items()))
+    print("  time: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in progress.timings.items()))
     for name in result["files"]:
         print(f"  {folder / name}  ({(folder / name).stat().st_size / 1e6:.1f} MB)")
 
@@ -287,14 +276,14 @@ def calibrate(args) -> int:
     import saint_export as se
 
     from . import artifacts
+    from .errors import SaintError
     from .models import load
-    from .patch import SaintError
     from .validate import normalise, synthetic_images
 
     if args.num_images < 1 or not 0 <= args.percentile <= 100:
         raise SaintError("--num-images must be ≥ 1 and --percentile within [0, 100]")
     arch, schedule = _resolve(args)
-    artifacts.check_writable(args.output.absolute().parent / ".calibration")
+    artifacts.check_file_writable(args.output)
     progress = Progress(2)
     with progress.step(f"loading {arch.timm_name} ({args.weights} weights)"):
         model = se.apply(load(arch, args.weights), "dynamic", tau=args.tau, K=args.K, gamma=args.gamma)
@@ -320,6 +309,7 @@ def calibrate(args) -> int:
     data = {"format": "saint-export-calibration/1", "model": arch.timm_name, "depth": arch.depth,
             "num_patches": arch.num_patches, "tau": args.tau, "K": args.K, "gamma": args.gamma,
             "images": len(images), "percentile": args.percentile, "per_image_drops": per_image, "drops": drops}
+    args.output.absolute().parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(f".{args.output.name}.partial")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(args.output)

@@ -11,10 +11,11 @@ import onnx_ir as ir
 import torch
 
 from . import ops
-from .patch import SaintError
+from .errors import SaintError
 from .schedule import EXPORTABLE_HINT
 
 DEFAULT_OPSET = 18
+MIN_OPSET, MAX_OPSET = 18, 23  # torch.onnx (dynamo) support
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 # Protobuf cannot hold more than 2 GiB; above this the weights go to `<model>.onnx.data`.
@@ -28,8 +29,7 @@ def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int,
     if state is not None and not state.schedule.is_static:
         raise SaintError(f"keep schedule 'dynamic' cannot be exported (token counts depend on the data); "
                          f"{EXPORTABLE_HINT}")
-    if opset < 18:
-        raise SaintError(f"opset {opset} is too old: the exporter needs opset ≥ 18")
+    check_opset(opset)
     model.eval()
     example = torch.randn(2, *image_shape)  # batch 2, so the batch axis is not specialised to 1
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -46,6 +46,11 @@ def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int,
     onnx.checker.check_model(str(path), full_check=True)
     data = path.with_name(path.name + ".data")
     return [path, data] if data.exists() else [path]
+
+
+def check_opset(opset: int) -> None:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise SaintError(f"--opset {opset} is not supported: the exporter writes opsets {MIN_OPSET} to {MAX_OPSET}")
 
 
 def saint_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -12,7 +12,7 @@ import timm
 import torch
 
 from .adapters import find_adapter
-from .patch import SaintError
+from .errors import SaintError
 
 # Short names → pinned timm names (with their weight tags) that have ImageNet-1k heads.
 ALIASES = {

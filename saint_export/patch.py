@@ -70,7 +70,7 @@ def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50",
         raise SaintError("model already has SAINT applied; create a fresh model to change the schedule")
     adapter = find_adapter(model)
     info = adapter.describe(model)
-    _check_hyperparameters(tau, K, gamma)
+    check_hyperparameters(tau, K, gamma)
     if isinstance(keep_schedule, KeepSchedule):
         schedule = keep_schedule
         if (schedule.depth, schedule.num_patches) != (info.depth, info.num_patches):
@@ -108,7 +108,7 @@ def record_kept(model: torch.nn.Module):
         state.trace = None
 
 
-def _check_hyperparameters(tau, K, gamma):
+def check_hyperparameters(tau, K, gamma):
     if not (isinstance(tau, (int, float)) and -1.0 <= tau <= 1.0):
         raise SaintError(f"tau must be a cosine similarity in [-1, 1], got {tau!r}")
     if not (isinstance(K, int) and K >= 1):

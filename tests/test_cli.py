@@ -98,6 +98,8 @@ def _bad_inputs(tmp_path):
         (["test_vit", "--weights", "random", "--img-size", "150"], "--img-size 150 is not a positive multiple"),
         (["test_vit", "--weights", "random", "--batch", "0"], "--batch must be ≥ 1"),
         (["test_vit", "--weights", "random", "--tau", "2"], "tau must be a cosine similarity"),
+        (["test_vit", "--weights", "random", "--opset", "17"], "--opset 17 is not supported"),
+        (["calibrate", "test_vit", "--weights", "random", "-o", str(foreign)], "is a folder, not a file"),
     ]
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patch import SaintError
+from ..errors import SaintError
 
 
 @dataclass(frozen=True)

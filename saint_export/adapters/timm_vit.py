@@ -12,7 +12,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..core import gather_tokens
-from ..patch import SaintError
+from ..errors import SaintError
 from . import ModelInfo
 
 name = "timm"
