@@ -92,7 +92,7 @@ def SimilarityTopK(keys, num_protected: int, drop: int, tau: float, vote_k: int,
     vote_rows = op.ReduceSum(op.Cast(op.GreaterOrEqual(votes, k), to=INT64), last, keepdims=0)
 
     # TopK: descending, lower index first on ties (ONNX spec); the first `drop` go.
-    _, order = op.TopK(score, op.Shape(score, start=1, end=2), axis=-1, largest=1, sorted=1)
+    sorted_scores, order = op.TopK(score, op.Shape(score, start=1, end=2), axis=-1, largest=1, sorted=1)
     kept_a = op.Add(op.Mul(op.Slice(order, op.Reshape(op.Constant(value_int=drop), one), end, one), two), p)
     batch = op.Shape(keys, start=0, end=1)
     protected = op.Range(op.Squeeze(zero), op.Squeeze(p), op.Squeeze(one))

@@ -96,3 +96,11 @@ def test_custom_op_and_fake_shapes():
     keep, votes = torch.ops.saint.similarity_topk(keys, 1, 3, 0.75, 5, 10.0)
     assert torch.equal(keep, core.similarity_topk(keys, 1, 3)[0])
     torch.library.opcheck(torch.ops.saint.similarity_topk.default, (keys, 1, 3, 0.75, 5, 10.0))
+
+
+def test_function_tensor_names_survive_inlining():
+    """TensorRT inlines the function once per block; a placeholder name such as '_' then collides
+    ("duplicate tensor name" in the builder). Every value the body defines gets a real name."""
+    names = [out for node in ops.function_proto().node for out in node.output]
+    assert "_" not in names and "" not in names
+    assert len(names) == len(set(names))
