@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import signal
 import sys
 import time
@@ -50,7 +51,19 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="none | early<P>[@<B>] | r:<r0>,<r1>,… | calib:<file.json> (default: early50)")
     _common_arguments(p)
     p.add_argument("-o", "--output", type=Path, help="output folder (default: engines/<model>-<schedule>)")
-    p.add_argument("--batch", type=int, default=8, help="parity batch size; the gate runs batch 1 and this (default 8)")
+    p.add_argument("--target", choices=["auto", "onnx", "trt", "trt-rtx"], default="auto",
+                   help="how far to go: ONNX only, a TensorRT engine, or a TensorRT-RTX engine "
+                        "(default auto: the furthest this machine can build)")
+    p.add_argument("--batch", default="1,8,32",
+                   help="engine batch profile min,opt,max, or one number N for 1,N,N; the parity gate runs "
+                        "batch 1 and opt (default 1,8,32)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="engine precision")
+    p.add_argument("--plugin-lib", default="auto",
+                   help="SimilarityTopK plugin library for TensorRT: auto (build plugins/similarity_topk), "
+                        "none (TensorRT runs the node's ONNX function instead) or a path")
+    p.add_argument("--compute-capability", help="TensorRT-RTX target GPU, e.g. 89 (default: this GPU's)")
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (default: one per backend "
+                   "under ~/.cache/saint-export)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, ≥ 18 (default 18)")
     p.add_argument("--parity-images", type=int, default=8, help="synthetic parity images (default 8)")
     p.add_argument("--images", type=Path, help="folder of your own images to add to the parity check")
@@ -82,14 +95,24 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
 
 
+def _check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saint-export check", description="Check that an exported engine folder "
+                                "matches this machine (TensorRT version, GPU, plugin library) before serving it.")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--plugin-lib", type=Path, help="the plugin library you will load with the engine")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    calibrating = bool(argv) and argv[0] == "calibrate"
-    args = (_calibrate_parser() if calibrating else _export_parser()).parse_args(argv[1:] if calibrating else argv)
+    command = argv[0] if argv and argv[0] in ("calibrate", "check") else "export"
+    parser = {"calibrate": _calibrate_parser, "check": _check_parser, "export": _export_parser}[command]()
+    args = parser.parse_args(argv if command == "export" else argv[1:])
     # SIGTERM unwinds like Ctrl-C, so staged output is cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        return calibrate(args) if calibrating else export(args)
+        return {"calibrate": calibrate, "check": check, "export": export}[command](args)
     except KeyboardInterrupt:
         _err("saint-export: interrupted; nothing was written")
         return 130
@@ -136,10 +159,14 @@ def export(args) -> int:
     from .export import check_opset
     from .schedule import EXPORTABLE_HINT
 
-    for flag, value in (("--batch", args.batch), ("--parity-images", args.parity_images)):
-        if value < 1:
-            raise SaintError(f"{flag} must be ≥ 1, got {value}")
+    args.batch = _batch_profile(args.batch)
+    if args.parity_images < 1:
+        raise SaintError(f"--parity-images must be ≥ 1, got {args.parity_images}")
     check_opset(args.opset)
+    if args.precision != "fp32":
+        raise SaintError(f"--precision {args.precision} is not supported yet: engines are fp32 (the scoring is "
+                         "fp32 in every precision; fp16/bf16 blocks are planned)")
+    args.target, engine_notes = _resolve_target(args)
     if args.images is not None and not args.images.is_dir():
         raise SaintError(f"--images {str(args.images)!r} is not a folder")
     arch, schedule = _resolve(args)
@@ -152,9 +179,15 @@ def export(args) -> int:
     output = args.output or Path("engines") / f"{args.model}-{_slug(schedule.spec)}"
     check_writable(output)
     _err(schedule.table())
-    progress = Progress(4 if args.no_verify else 5)
+    for note in engine_notes:
+        _err(note)
+    progress = Progress(4 + (not args.no_verify) + (args.target != "onnx"))
     with StagedOutput(output) as staged:
-        result = _build(args, arch, schedule, staged.path, progress)
+        try:
+            result = _build(args, arch, schedule, staged.path, progress)
+        except EngineParityError as err:
+            _err(f"\n{err}; nothing was written")
+            return EXIT_GATE_FAILED
         if result["parity"] is not None and not result["parity"].passed:
             _err("\nparity gate FAILED; nothing was written:\n" + result["parity"].table())
             return EXIT_GATE_FAILED
@@ -172,7 +205,7 @@ def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
     from .export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
     from .models import load
     from .ops import DOMAIN, OP_TYPE, PLUGIN_VERSION
-    from .validate import check_onnx_parity, normalise, synthetic_images
+    from .validate import check_onnx_parity, normalise, save_goldens, synthetic_images
 
     with progress.step(f"loading {arch.timm_name} ({arch.num_params / 1e6:.1f} M parameters, {args.weights} weights)"):
         model = load(arch, args.weights)
@@ -181,16 +214,21 @@ def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
         files = export_onnx(model, folder / "model.onnx", (3, arch.img_size, arch.img_size), args.opset)
     parity = None
     if not args.no_verify:
-        with progress.step(f"parity gate: eager vs ONNX Runtime, batch 1 and {args.batch}"):
+        with progress.step(f"parity gate: eager vs ONNX Runtime, batch 1 and {args.batch[1]}"):
             images = normalise(synthetic_images(args.parity_images, arch.img_size), model)
             if args.images is not None:
                 images = torch.cat([images, _load_folder(args.images, model)])
-            parity = check_onnx_parity(model, files[0], images, (1, args.batch), Progress.counter)
+            parity = check_onnx_parity(model, files[0], images, (1, args.batch[1]), Progress.counter)
+            files += save_goldens(model, images[:args.batch[1]], folder)
+    engine = None
+    if args.target != "onnx":
+        engine = _build_engine(args, folder, files, progress)
     with progress.step("writing manifest and report"):
         config = model.pretrained_cfg
         names = [f.name for f in files]
         artifacts.write_json(folder / artifacts.REPORT, {
             "parity": parity.as_dict() if parity else None,
+            "engine_parity": None if engine is None else engine.pop("parity"),
             "flops_ratio": schedule.flops_ratio(),
             "timings_seconds": progress.timings,
         })
@@ -209,13 +247,131 @@ def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
             "onnx": {"opset": args.opset, "default_opset": DEFAULT_OPSET, "exporter": "torch.onnx (dynamo)",
                      "operator": {"domain": DOMAIN, "op_type": OP_TYPE, "plugin_namespace": DOMAIN,
                                   "plugin_version": PLUGIN_VERSION, "local_function": True}},
-            "precision": "fp32",
-            "tensorrt": None, "gpu": None, "compute_capability": None, "plugin_library": None,
+            "precision": args.precision,
+            "engine": engine,
+            "tensorrt": None if engine is None else {"backend": engine["backend"], "version": engine["version"]},
+            "gpu": _gpu_name(), "compute_capability": None if engine is None else engine["compute_capability"],
+            "plugin_library": getattr(args, "plugin_record", None),
             "versions": artifacts.versions(),
             "files": artifacts.checksums(folder, names),
         }
         artifacts.write_json(folder / artifacts.MANIFEST, manifest)
-    return {"files": names + [artifacts.MANIFEST], "parity": parity}
+    return {"files": names + [artifacts.MANIFEST], "parity": parity, "engine": engine}
+
+
+def _batch_profile(text: str) -> tuple[int, int, int]:
+    from .errors import SaintError
+
+    try:
+        values = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = [1, values[0], values[0]]
+    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
+        raise SaintError(f"--batch {text!r}: expected N or min,opt,max with 1 ≤ min ≤ opt ≤ max")
+    return tuple(values)
+
+
+def _resolve_target(args) -> tuple[str, list[str]]:
+    """The target to build and the lines that say what was skipped. Fails before any model work."""
+    from .trt.engine import available_target, load_backend, parse_compute_capability
+
+    notes = []
+    target = args.target
+    if target == "auto":
+        target, skipped = available_target()
+        notes = [f"target: {target}" + (f" (skipped {'; '.join(skipped)})" if skipped else "")]
+    elif target != "onnx":
+        load_backend(target)
+    if args.compute_capability is not None:
+        args.compute_capability = parse_compute_capability(args.compute_capability)
+    if target == "trt-rtx" and args.compute_capability is None:
+        from .trt.engine import cuda_compute_capability
+
+        if cuda_compute_capability() is None:
+            args.compute_capability = "8.9"
+            notes.append("no GPU here: TensorRT-RTX builds for compute capability 8.9 (--compute-capability)")
+    if target != "onnx" and args.plugin_lib not in ("auto", "none") and not Path(args.plugin_lib).is_file():
+        from .errors import SaintError
+
+        raise SaintError(f"--plugin-lib {args.plugin_lib!r}: no such file")
+    return target, notes
+
+
+def _build_engine(args, folder: Path, files: list, progress: Progress) -> dict:
+    from .artifacts import sha256
+    from .trt import plugin
+    from .trt.engine import build_engine, load_backend
+
+    backend = load_backend(args.target)
+    library = None
+    if args.plugin_lib == "auto":
+        try:
+            library = plugin.build()
+        except Exception as err:  # no CUDA toolkit or headers: fall back to the ONNX function, and say so
+            _err(f"      plugin library unavailable ({err}); TensorRT will run the ONNX function instead")
+    elif args.plugin_lib != "none":
+        library = Path(args.plugin_lib)
+    if library is not None:  # shipped inside the folder: the engine needs exactly this library to load
+        shutil.copy2(library, folder / plugin.LIBRARY)
+        files.append(folder / plugin.LIBRARY)
+        library = folder / plugin.LIBRARY
+        args.plugin_record = {"file": plugin.LIBRARY, "sha256": sha256(library),
+                              "name": "SimilarityTopK", "version": "1", "namespace": "saint"}
+    cache = args.timing_cache or plugin.cache_dir() / f"timing-{backend.name}-{backend.version}.cache"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    selection = "plugin" if library else "ONNX function"
+    with progress.step(f"building {backend.name} {backend.version} engine (SimilarityTopK as {selection}, "
+                       f"batch {'/'.join(map(str, args.batch))})"):
+        engine = build_engine(backend, files[0], folder / "engine.plan", args.batch, library,
+                              args.compute_capability, cache)
+    files.append(folder / "engine.plan")
+    engine["parity"] = _engine_parity(args, backend, folder)
+    engine["verified"] = engine["parity"]["status"] == "passed"
+    engine["verification"] = engine["parity"]["status"] + (f": {engine['parity']['reason']}"
+                                                           if "reason" in engine["parity"] else "")
+    if engine["parity"]["status"] == "failed":
+        raise EngineParityError(engine["parity"])
+    return engine
+
+
+class EngineParityError(Exception):
+    def __init__(self, result: dict):
+        super().__init__(f"engine parity failed: max |engine − eager| {result['max_abs_diff']:.3g} "
+                         f"(≤ {result['tolerance']:.3g}), top-1 agreement {result['top1_agreement']:.1%}")
+
+
+def _engine_parity(args, backend, folder: Path) -> dict:
+    """Engines run only on a GPU; where none is, the golden files let anyone repeat the check there."""
+    from .trt.engine import cuda_compute_capability
+    from .validate import check_engine_parity
+
+    if args.no_verify:
+        return {"status": "not run", "reason": "--no-verify"}
+    if cuda_compute_capability() is None:
+        return {"status": "not run", "reason": "no CUDA GPU on this machine"}
+    if backend.target == "trt-rtx":
+        return {"status": "not run", "reason": "Polygraphy runs TensorRT engines, not TensorRT-RTX ones"}
+    return check_engine_parity(folder, folder / "engine.plan")
+
+
+def _gpu_name() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def check(args) -> int:
+    from .runtime import check_engine
+
+    engine = check_engine(args.folder, args.plugin_lib)
+    print(f"{args.folder}: {engine['backend']} {engine['version']} engine for compute capability "
+          f"{engine['compute_capability']} matches this machine")
+    return 0
 
 
 def _load_folder(folder: Path, model):
@@ -264,6 +420,11 @@ def _summary(folder: Path, schedule, result: dict, progress: Progress) -> None:
               + (f" ({len(parity.near_ties)} numerical near-tie runs, see report.json)" if parity.near_ties else ""))
     else:
         print("  parity: NOT verified (--no-verify)")
+    engine = result["engine"]
+    if engine:
+        print(f"  engine: {engine['backend']} {engine['version']} for compute capability "
+              f"{engine['compute_capability']}, SimilarityTopK as {engine['selection']} "
+              f"({engine['plugin_layers']} plugin layers); engine parity {engine['verification']}")
     print("  time: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in progress.timings.items()))
     for name in result["files"]:
         print(f"  {folder / name}  ({(folder / name).stat().st_size / 1e6:.1f} MB)")

@@ -204,3 +204,51 @@ def check_onnx_parity(model: torch.nn.Module, onnx_path: Path, inputs: torch.Ten
     report.tolerance = FP32_TOLERANCE * worst_scale
     report.top1_agreement = agree / max(report.images, 1)
     return report
+
+
+GOLDEN_INPUTS = "golden_inputs.json"
+GOLDEN_OUTPUTS = "golden_outputs.json"
+
+
+def save_goldens(model: torch.nn.Module, inputs: torch.Tensor, folder: Path) -> list[Path]:
+    """Eager inputs and outputs as Polygraphy JSON, so that
+    `polygraphy run model.onnx --trt --load-inputs golden_inputs.json --load-outputs golden_outputs.json`
+    repeats the check anywhere."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    with torch.no_grad():
+        logits = model(inputs).float().numpy()
+    feed = {INPUT_NAME: inputs.numpy()}
+    save_json([feed], folder / GOLDEN_INPUTS, description="golden inputs")
+    results = RunResults()
+    results.add([IterationResult({"logits": logits}, runner_name="eager-pytorch")], runner_name="eager-pytorch")
+    results.save(str(folder / GOLDEN_OUTPUTS))
+    return [folder / GOLDEN_INPUTS, folder / GOLDEN_OUTPUTS]
+
+
+def check_engine_parity(folder: Path, plan: Path) -> dict:
+    """A TensorRT engine against the eager goldens (logits tolerance and top-1; DESIGN §6).
+    Needs TensorRT, Polygraphy and a GPU; the plugin library must already be loaded."""
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    feeds = load_json(folder / GOLDEN_INPUTS)
+    expected = RunResults.load(str(folder / GOLDEN_OUTPUTS))[0][1]
+    worst, top1, total, scale = 0.0, 0, 0, 1.0
+    with TrtRunner(EngineFromBytes(plan.read_bytes())) as runner:
+        for feed, golden in zip(feeds, expected):
+            got = np.asarray(runner.infer(feed)["logits"], dtype=np.float32)
+            want = np.asarray(golden["logits"], dtype=np.float32)
+            worst = max(worst, float(np.abs(got - want).max()))
+            scale = max(scale, float(np.abs(want).max()))
+            top1 += int((got.argmax(-1) == want.argmax(-1)).sum())
+            total += len(want)
+    tolerance = FP32_TOLERANCE * scale
+    passed = worst <= tolerance and top1 == total
+    return {"status": "passed" if passed else "failed", "max_abs_diff": worst, "tolerance": tolerance,
+            "top1_agreement": top1 / max(total, 1)}

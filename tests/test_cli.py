@@ -27,16 +27,18 @@ def _only_error_line(err):
 def test_vit_b16_early50_random_weights(tmp_path, capsys):
     out_dir = tmp_path / "b16"
     code, out, err = run(capsys, "vit_b16", "--keep-schedule", "early50", "--weights", "random",
-                         "--output", str(out_dir), "--batch", "3", "--parity-images", "4")
+                         "--output", str(out_dir), "--batch", "3", "--parity-images", "4", "--target", "onnx")
     assert code == 0, err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["manifest.json", "model.onnx", "report.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["golden_inputs.json", "golden_outputs.json",
+                                                         "manifest.json", "model.onnx", "report.json"]
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["verified"] is True
     assert manifest["model"]["timm_name"] == "vit_base_patch16_224.augreg2_in21k_ft_in1k"
     assert manifest["keep_schedule"]["blocks"][0] == {"block": 0, "tokens_in": 197, "dropped": 17,
                                                       "tokens_out": 180}
     assert manifest["onnx"]["opset"] == 18 and manifest["saint"] == {"tau": 0.75, "K": 5, "gamma": 10.0}
-    assert set(manifest["files"]) == {"model.onnx", "report.json"}
+    assert set(manifest["files"]) == {"model.onnx", "report.json", "golden_inputs.json", "golden_outputs.json"}
+    assert manifest["engine"] is None
     assert len(manifest["files"]["model.onnx"]["sha256"]) == 64
     assert {"torch", "timm", "onnx"} <= set(manifest["versions"])
     report = json.loads((out_dir / "report.json").read_text())
@@ -51,7 +53,7 @@ def test_no_verify_is_recorded_and_rerun_replaces(tmp_path, capsys):
     out_dir = tmp_path / "o"
     for _ in range(2):
         code, out, err = run(capsys, "test_vit", "-s", "r:10,5", "--weights", "random", "-o", str(out_dir),
-                             "--no-verify")
+                             "--no-verify", "--target", "onnx")
         assert code == 0, err
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["verified"] is False and "--no-verify" in manifest["verification"]
@@ -62,7 +64,7 @@ def test_checkpoint_weights(tmp_path, capsys):
     ckpt = tmp_path / "w.pth"
     torch.save({"state_dict": make_model("test_vit", seed=3).state_dict()}, ckpt)
     code, out, err = run(capsys, "test_vit", "--weights", str(ckpt), "-o", str(tmp_path / "o"),
-                         "--parity-images", "2", "--batch", "2")
+                         "--parity-images", "2", "--batch", "2", "--target", "onnx")
     assert code == 0, err
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["model"]["weights"]["source"] == "file"
@@ -96,7 +98,10 @@ def _bad_inputs(tmp_path):
         (["test_vit", "--weights", "random", "-o", str(a_file / "out")], "cannot write to output folder"),
         (["test_vit", "--weights", "random", "-o", str(foreign)], "is not empty and holds no saint-export manifest"),
         (["test_vit", "--weights", "random", "--img-size", "150"], "--img-size 150 is not a positive multiple"),
-        (["test_vit", "--weights", "random", "--batch", "0"], "--batch must be ≥ 1"),
+        (["test_vit", "--weights", "random", "--batch", "0"], "--batch '0': expected N or min,opt,max"),
+        (["test_vit", "--weights", "random", "--batch", "8,4,16"], "with 1 ≤ min ≤ opt ≤ max"),
+        (["test_vit", "--weights", "random", "--precision", "fp16"], "--precision fp16 is not supported yet"),
+        (["test_vit", "--weights", "random", "--compute-capability", "x9"], "expected e.g. 89, 8.9 or sm89"),
         (["test_vit", "--weights", "random", "--tau", "2"], "tau must be a cosine similarity"),
         (["test_vit", "--weights", "random", "--opset", "17"], "--opset 17 is not supported"),
         (["calibrate", "test_vit", "--weights", "random", "-o", str(foreign)], "is a folder, not a file"),
@@ -152,7 +157,8 @@ def test_gate_failure_exits_3_and_writes_nothing(tmp_path, capsys, monkeypatch):
         return report
 
     monkeypatch.setattr(validate, "check_onnx_parity", broken)
-    code, _, err = run(capsys, "test_vit", "--weights", "random", "-o", str(tmp_path / "o"), "--parity-images", "2")
+    code, _, err = run(capsys, "test_vit", "--weights", "random", "-o", str(tmp_path / "o"), "--parity-images", "2",
+                       "--target", "onnx")
     assert code == 3
     assert "parity gate FAILED" in err and "logits max |Δ|" in err
     assert list(tmp_path.iterdir()) == []
@@ -166,5 +172,5 @@ def test_calibrate_then_export(tmp_path, capsys):
     data = json.loads(calib.read_text())
     assert len(data["per_image_drops"]) == 4 and len(data["drops"]) == 3 and sum(data["drops"]) > 0
     code, out, err = run(capsys, "test_vit", "-s", f"calib:{calib}", "--weights", "random", "--tau", "0.5",
-                         "-o", str(tmp_path / "o"), "--parity-images", "2", "--batch", "2")
+                         "-o", str(tmp_path / "o"), "--parity-images", "2", "--batch", "2", "--target", "onnx")
     assert code == 0, err

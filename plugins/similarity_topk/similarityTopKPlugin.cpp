@@ -1,0 +1,254 @@
+#include "similarityTopKPlugin.h"
+
+#include <cstring>
+#include <exception>
+
+using namespace nvinfer1;
+
+namespace saint
+{
+namespace
+{
+
+ILoggerFinder* gLoggerFinder{nullptr};
+
+bool isKeyType(DataType type)
+{
+    return type == DataType::kFLOAT || type == DataType::kHALF || type == DataType::kBF16;
+}
+
+KeyType toKeyType(DataType type)
+{
+    return type == DataType::kHALF ? KeyType::kFLOAT16 : type == DataType::kBF16 ? KeyType::kBFLOAT16 : KeyType::kFLOAT32;
+}
+
+//! The attribute contract of DESIGN §4, checked once for every way a plugin is made.
+bool validParams(SimilarityTopKParams const& p)
+{
+    if (p.numProtected < 0 || p.drop < 0 || p.voteK < 1)
+    {
+        logError("SimilarityTopK: need num_protected >= 0, drop >= 0 and vote_k >= 1");
+        return false;
+    }
+    return true;
+}
+
+} // namespace
+
+void setLoggerFinderImpl(ILoggerFinder* finder) noexcept
+{
+    gLoggerFinder = finder;
+}
+
+void logError(std::string const& message) noexcept
+{
+    ILogger* logger = gLoggerFinder != nullptr ? gLoggerFinder->findLogger() : nullptr;
+    if (logger != nullptr)
+    {
+        logger->log(ILogger::Severity::kERROR, message.c_str());
+    }
+}
+
+SimilarityTopKPlugin::SimilarityTopKPlugin(SimilarityTopKParams params)
+    : mParams(params)
+{
+}
+
+IPluginCapability* SimilarityTopKPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
+{
+    switch (type)
+    {
+    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
+    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
+    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
+    }
+    return nullptr;
+}
+
+IPluginV3* SimilarityTopKPlugin::clone() noexcept
+{
+    try
+    {
+        return new SimilarityTopKPlugin(mParams);
+    }
+    catch (std::exception const& e)
+    {
+        logError(std::string("SimilarityTopK: clone failed: ") + e.what());
+        return nullptr;
+    }
+}
+
+int32_t SimilarityTopKPlugin::configurePlugin(
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != 1 || nbOutputs != 2 || in[0].desc.dims.nbDims != 3)
+    {
+        logError("SimilarityTopK: expects one input keys [B, N, d] and two outputs");
+        return -1;
+    }
+    int64_t const numTokens = in[0].desc.dims.d[1];
+    if (numTokens >= 0)
+    {
+        int64_t const n = numTokens - mParams.numProtected;
+        int64_t const nA = (n + 1) / 2;
+        if (n < 1 || mParams.drop > nA || n - mParams.drop < 1 || nA > kTopKLimit)
+        {
+            logError("SimilarityTopK: drop " + std::to_string(mParams.drop) + " is impossible for "
+                + std::to_string(n) + " patch tokens (at most ceil(n/2), one must remain, n/2 <= 3840)");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int32_t SimilarityTopKPlugin::getOutputDataTypes(
+    DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
+{
+    if (nbOutputs != 2 || nbInputs != 1 || !isKeyType(inputTypes[0]))
+    {
+        return -1;
+    }
+    outputTypes[0] = DataType::kINT64;
+    outputTypes[1] = DataType::kINT64;
+    return 0;
+}
+
+int32_t SimilarityTopKPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const*, int32_t,
+    DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& exprBuilder) noexcept
+{
+    if (nbInputs != 1 || nbOutputs != 2 || inputs[0].nbDims != 3)
+    {
+        return -1;
+    }
+    outputs[0].nbDims = 2;
+    outputs[0].d[0] = inputs[0].d[0];
+    outputs[0].d[1] = exprBuilder.operation(DimensionOperation::kSUB, *inputs[0].d[1], *exprBuilder.constant(mParams.drop));
+    outputs[1].nbDims = 1;
+    outputs[1].d[0] = inputs[0].d[0];
+    return 0;
+}
+
+bool SimilarityTopKPlugin::supportsFormatCombination(
+    int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != 1 || nbOutputs != 2 || pos < 0 || pos > 2)
+    {
+        return false;
+    }
+    PluginTensorDesc const& desc = inOut[pos].desc;
+    if (desc.format != TensorFormat::kLINEAR)
+    {
+        return false;
+    }
+    return pos == 0 ? isKeyType(desc.type) : desc.type == DataType::kINT64;
+}
+
+size_t SimilarityTopKPlugin::getWorkspaceSize(
+    DynamicPluginTensorDesc const* inputs, int32_t, DynamicPluginTensorDesc const*, int32_t) const noexcept
+{
+    return similarityTopKWorkspaceSize(
+        static_cast<int32_t>(inputs[0].max.d[0]), static_cast<int32_t>(inputs[0].max.d[1]));
+}
+
+int32_t SimilarityTopKPlugin::onShapeChange(PluginTensorDesc const*, int32_t, PluginTensorDesc const*, int32_t) noexcept
+{
+    return 0;
+}
+
+int32_t SimilarityTopKPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
+{
+    Dims const& dims = inputDesc[0].dims;
+    cudaError_t const status = launchSimilarityTopK(inputs[0], toKeyType(inputDesc[0].type),
+        static_cast<int64_t*>(outputs[0]), static_cast<int64_t*>(outputs[1]), workspace, static_cast<int32_t>(dims.d[0]),
+        static_cast<int32_t>(dims.d[1]), static_cast<int32_t>(dims.d[2]), mParams, stream);
+    if (status != cudaSuccess)
+    {
+        logError(std::string("SimilarityTopK: kernel launch failed: ") + cudaGetErrorString(status));
+        return -1;
+    }
+    return 0;
+}
+
+IPluginV3* SimilarityTopKPlugin::attachToContext(IPluginResourceContext*) noexcept
+{
+    return clone();
+}
+
+PluginFieldCollection const* SimilarityTopKPlugin::getFieldsToSerialize() noexcept
+{
+    mFields = {
+        PluginField("num_protected", &mParams.numProtected, PluginFieldType::kINT32, 1),
+        PluginField("drop", &mParams.drop, PluginFieldType::kINT32, 1),
+        PluginField("tau", &mParams.tau, PluginFieldType::kFLOAT32, 1),
+        PluginField("vote_k", &mParams.voteK, PluginFieldType::kINT32, 1),
+        PluginField("gamma", &mParams.gamma, PluginFieldType::kFLOAT32, 1),
+    };
+    mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
+    mFieldCollection.fields = mFields.data();
+    return &mFieldCollection;
+}
+
+SimilarityTopKCreator::SimilarityTopKCreator()
+{
+    mFields = {
+        PluginField("num_protected", nullptr, PluginFieldType::kINT32, 1),
+        PluginField("drop", nullptr, PluginFieldType::kINT32, 1),
+        PluginField("tau", nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField("vote_k", nullptr, PluginFieldType::kINT32, 1),
+        PluginField("gamma", nullptr, PluginFieldType::kFLOAT32, 1),
+    };
+    mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
+    mFieldCollection.fields = mFields.data();
+}
+
+IPluginV3* SimilarityTopKCreator::createPlugin(char const*, PluginFieldCollection const* fc, TensorRTPhase) noexcept
+{
+    // Defaults are SAINT's (num_protected 1, no drop, tau 0.75, K 5, gamma 10); the exporter writes every field.
+    SimilarityTopKParams params{1, 0, 0.75F, 5, 10.0F};
+    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i)
+    {
+        PluginField const& f = fc->fields[i];
+        if (f.data == nullptr || f.length < 1)
+        {
+            continue;
+        }
+        bool const isInt = f.type == PluginFieldType::kINT32;
+        bool const isFloat = f.type == PluginFieldType::kFLOAT32;
+        if (isInt && std::strcmp(f.name, "num_protected") == 0)
+        {
+            params.numProtected = *static_cast<int32_t const*>(f.data);
+        }
+        else if (isInt && std::strcmp(f.name, "drop") == 0)
+        {
+            params.drop = *static_cast<int32_t const*>(f.data);
+        }
+        else if (isInt && std::strcmp(f.name, "vote_k") == 0)
+        {
+            params.voteK = *static_cast<int32_t const*>(f.data);
+        }
+        else if (isFloat && std::strcmp(f.name, "tau") == 0)
+        {
+            params.tau = *static_cast<float const*>(f.data);
+        }
+        else if (isFloat && std::strcmp(f.name, "gamma") == 0)
+        {
+            params.gamma = *static_cast<float const*>(f.data);
+        }
+    }
+    if (!validParams(params))
+    {
+        return nullptr;
+    }
+    try
+    {
+        return new SimilarityTopKPlugin(params);
+    }
+    catch (std::exception const& e)
+    {
+        logError(std::string("SimilarityTopK: createPlugin failed: ") + e.what());
+        return nullptr;
+    }
+}
+
+} // namespace saint

@@ -1,0 +1,1 @@
+"""TensorRT: the similarity top-k plugin (plugin.py) and engine building (engine.py)."""
