@@ -119,11 +119,28 @@ def load_plugin(backend: Backend, library: Path) -> None:
         ensure_rtx_parser_can_load_plugins()
     registry = trt.get_plugin_registry()
     if _find_creator(registry) is None:
-        if registry.load_library(str(library)) is None:
+        handle = registry.load_library(str(library))
+        if handle is None:
             raise SaintError(f"{backend.name} could not load the plugin library {library}")
+        _loaded_libraries[backend.target] = handle
     if _find_creator(registry) is None:
         raise SaintError(f"{library} does not register SimilarityTopK version 1 in namespace saint; registered: "
                          f"{_creator_names(registry)}")
+
+
+def unload_plugin(backend: Backend) -> None:
+    """The plugin registry lives as long as the process: a library loaded for an earlier build
+    would otherwise shadow the ONNX function that a plugin-free build asks for."""
+    registry = backend.module.get_plugin_registry()
+    handle = _loaded_libraries.pop(backend.target, None)
+    if handle is not None:
+        registry.deregister_library(handle)
+    if _find_creator(registry) is not None:
+        raise SaintError("a SimilarityTopK plugin was registered in this process outside saint-export, so "
+                         "TensorRT would use it: build without --plugin-lib none, or in a fresh process")
+
+
+_loaded_libraries: dict = {}  # target → handle from IPluginRegistry.load_library
 
 
 def _find_creator(registry):
@@ -174,6 +191,8 @@ def build_engine(backend: Backend, onnx_path: Path, plan_path: Path, batch: tupl
     trt = backend.module
     if plugin_library is not None:
         load_plugin(backend, plugin_library)
+    else:
+        unload_plugin(backend)
     saint_count = preflight(backend, onnx_path, plugin_library is not None)
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
@@ -215,7 +234,7 @@ def build_engine(backend: Backend, onnx_path: Path, plan_path: Path, batch: tupl
         profile.set_shape(tensor.name, (batch[0], *tail), (batch[1], *tail), (batch[2], *tail))
     config.add_optimization_profile(profile)
     cache = None
-    if timing_cache is not None:
+    if timing_cache is not None and backend.target == "trt":  # TensorRT-RTX has no timing cache (no-op)
         cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
 
