@@ -57,7 +57,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1,8,32",
                    help="engine batch profile min,opt,max, or one number N for 1,N,N; the parity gate runs "
                         "batch 1 and opt (default 1,8,32)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="engine precision")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="precision of the blocks' Linear layers, written into the graph; LayerNorm, softmax and "
+                        "SAINT's scoring stay fp32 (default fp32)")
     p.add_argument("--plugin-lib", default="auto",
                    help="SimilarityTopK plugin library for TensorRT: auto (build plugins/similarity_topk), "
                         "none (TensorRT runs the node's ONNX function instead) or a path")
@@ -163,9 +165,6 @@ def export(args) -> int:
     if args.parity_images < 1:
         raise SaintError(f"--parity-images must be ≥ 1, got {args.parity_images}")
     check_opset(args.opset)
-    if args.precision != "fp32":
-        raise SaintError(f"--precision {args.precision} is not supported yet: engines are fp32 (the scoring is "
-                         "fp32 in every precision; fp16/bf16 blocks are planned)")
     args.target, engine_notes = _resolve_target(args)
     if args.images is not None and not args.images.is_dir():
         raise SaintError(f"--images {str(args.images)!r} is not a folder")
@@ -205,11 +204,13 @@ def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
     from .export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
     from .models import load
     from .ops import DOMAIN, OP_TYPE, PLUGIN_VERSION
+    from .precision import apply_precision
     from .validate import check_onnx_parity, normalise, save_goldens, synthetic_images
 
     with progress.step(f"loading {arch.timm_name} ({arch.num_params / 1e6:.1f} M parameters, {args.weights} weights)"):
         model = load(arch, args.weights)
         se.apply(model, schedule, tau=args.tau, K=args.K, gamma=args.gamma)
+        apply_precision(model, args.precision)
     with progress.step(f"exporting ONNX (torch.export, opset {args.opset})"):
         files = export_onnx(model, folder / "model.onnx", (3, arch.img_size, arch.img_size), args.opset)
     parity = None
@@ -218,7 +219,8 @@ def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
             images = normalise(synthetic_images(args.parity_images, arch.img_size), model)
             if args.images is not None:
                 images = torch.cat([images, _load_folder(args.images, model)])
-            parity = check_onnx_parity(model, files[0], images, (1, args.batch[1]), Progress.counter)
+            parity = check_onnx_parity(model, files[0], images, (1, args.batch[1]), Progress.counter,
+                                       args.precision)
             files += save_goldens(model, images[:args.batch[1]], folder)
     engine = None
     if args.target != "onnx":
@@ -339,7 +341,8 @@ def _build_engine(args, folder: Path, files: list, progress: Progress) -> dict:
 class EngineParityError(Exception):
     def __init__(self, result: dict):
         super().__init__(f"engine parity failed: max |engine − eager| {result['max_abs_diff']:.3g} "
-                         f"(≤ {result['tolerance']:.3g}), top-1 agreement {result['top1_agreement']:.1%}")
+                         f"(fp32 gate ≤ {result['tolerance']:.3g}), min cosine {result['min_cosine']:.5f} "
+                         f"(fp16/bf16 gate ≥ 0.999), top-1 agreement {result['top1_agreement']:.1%}")
 
 
 def _engine_parity(args, backend, folder: Path) -> dict:
@@ -353,7 +356,7 @@ def _engine_parity(args, backend, folder: Path) -> dict:
         return {"status": "not run", "reason": "no CUDA GPU on this machine"}
     if backend.target == "trt-rtx":
         return {"status": "not run", "reason": "Polygraphy runs TensorRT engines, not TensorRT-RTX ones"}
-    return check_engine_parity(folder, folder / "engine.plan")
+    return check_engine_parity(folder, folder / "engine.plan", args.precision)
 
 
 def _gpu_name() -> str | None:
@@ -414,8 +417,10 @@ def _summary(folder: Path, schedule, result: dict, progress: Progress) -> None:
     print(f"\nexported {schedule.spec} → {folder}")
     print(f"  FLOPs ratio to unpruned: {schedule.flops_ratio():.3f} (ideal speed-up {1 / schedule.flops_ratio():.2f}x)")
     if parity:
-        print(f"  parity: passed on {parity.images} image runs (batch {parity.batch_sizes}), "
-              f"max |Δlogits| {parity.max_abs_diff:.2g}, top-1 agreement {parity.top1_agreement:.0%}, "
+        closeness = (f"max |Δlogits| {parity.max_abs_diff:.2g}" if parity.precision == "fp32"
+                     else f"min cosine {parity.min_cosine:.5f}")
+        print(f"  parity: passed on {parity.images} image runs (batch {parity.batch_sizes}, {parity.precision}), "
+              f"{closeness}, top-1 agreement {parity.top1_agreement:.0%}, "
               f"kept sets identical in {len(parity.blocks)} pruning blocks"
               + (f" ({len(parity.near_ties)} numerical near-tie runs, see report.json)" if parity.near_ties else ""))
     else:

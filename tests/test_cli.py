@@ -100,7 +100,6 @@ def _bad_inputs(tmp_path):
         (["test_vit", "--weights", "random", "--img-size", "150"], "--img-size 150 is not a positive multiple"),
         (["test_vit", "--weights", "random", "--batch", "0"], "--batch '0': expected N or min,opt,max"),
         (["test_vit", "--weights", "random", "--batch", "8,4,16"], "with 1 ≤ min ≤ opt ≤ max"),
-        (["test_vit", "--weights", "random", "--precision", "fp16"], "--precision fp16 is not supported yet"),
         (["test_vit", "--weights", "random", "--compute-capability", "x9"], "expected e.g. 89, 8.9 or sm89"),
         (["test_vit", "--weights", "random", "--tau", "2"], "tau must be a cosine similarity"),
         (["test_vit", "--weights", "random", "--opset", "17"], "--opset 17 is not supported"),

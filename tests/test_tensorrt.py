@@ -120,3 +120,15 @@ def test_this_machine_without_gpu_is_refused(rtx_plugin_engine, capsys):
         pytest.skip("this machine has a GPU")
     code, _, err = run(capsys, "check", str(rtx_plugin_engine))
     assert code == 2 and "has no CUDA GPU to run it" in _only_error_line(err)
+
+
+@needs_rtx
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_rtx_low_precision_engine(tmp_path, capsys, precision):
+    code, _, err = run(capsys, "test_vit", "-s", "early50", "--weights", "random", "-o", str(tmp_path / "e"),
+                       "--target", "trt-rtx", "--plugin-lib", "none", "--precision", precision, "--batch", "2",
+                       *(["--no-verify"] if precision == "bf16" else ["--parity-images", "4"]))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["precision"] == precision and manifest["engine"]["strongly_typed"]
+    assert (tmp_path / "e" / "engine.plan").stat().st_size > 100_000

@@ -1,0 +1,66 @@
+"""fp16 / bf16: written into the graph (block Linears low precision; LayerNorm, softmax, scoring fp32)."""
+import collections
+
+import onnx
+import pytest
+import torch
+from conftest import make_model
+from test_cli import _only_error_line, run
+
+import saint_export as se
+from saint_export.export import export_onnx
+from saint_export.precision import LowPrecisionLinear, apply_precision
+from saint_export.validate import NEAR_TIE, check_onnx_parity
+
+
+def _op_dtypes(path):
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    return collections.Counter((n.op_type, onnx.TensorProto.DataType.Name(types.get(n.input[0], 0)))
+                               for n in graph.node if n.op_type in ("MatMul", "LayerNormalization", "Softmax"))
+
+
+@pytest.mark.parametrize("precision,onnx_type", [("fp16", "FLOAT16"), ("bf16", "BFLOAT16")])
+def test_graph_states_the_precision(tmp_path, precision, onnx_type):
+    model = apply_precision(se.apply(make_model("test_vit"), "early50"), precision)
+    linears = [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is LowPrecisionLinear for m in linears)
+    assert model.norm.weight.dtype == torch.float32 and model.head.weight.dtype == torch.float32
+    export_onnx(model, tmp_path / "m.onnx", (3, 160, 160))
+    ops = _op_dtypes(tmp_path / "m.onnx")
+    depth = len(model.blocks)
+    assert ops[("MatMul", onnx_type)] == 4 * depth  # qkv, proj, fc1, fc2 per block
+    assert ops[("MatMul", "FLOAT")] == 2 * depth  # attention QKᵀ and AV stay fp32
+    assert ops[("Softmax", "FLOAT")] == depth and ops[("LayerNormalization", "FLOAT")] == 2 * depth + 1
+    assert not [k for k in ops if k[0] in ("Softmax", "LayerNormalization") and k[1] != "FLOAT"]
+
+
+def test_fp16_parity_gate(tmp_path, images160):
+    model = apply_precision(se.apply(make_model("test_vit"), "early50", tau=0.5), "fp16")
+    export_onnx(model, tmp_path / "m.onnx", (3, 160, 160))
+    report = check_onnx_parity(model, tmp_path / "m.onnx", images160, (1, 3), precision="fp16")
+    assert report.passed, report.table()
+    assert report.min_cosine >= 0.999 and report.top1_matched == 1.0
+    # where selections differ, eager scores them within fp16 noise of each other
+    assert all(gap <= NEAR_TIE["fp16"] for *_, gap in report.near_ties)
+    assert report.images - len(report.near_ties) >= 4  # and some runs matched end to end
+
+
+def test_fp16_gate_is_not_the_fp32_gate(tmp_path, images160):
+    """The same fp16 graph judged by the fp32 gate fails: the gates are really different."""
+    model = apply_precision(se.apply(make_model("test_vit"), "early50", tau=0.5), "fp16")
+    export_onnx(model, tmp_path / "m.onnx", (3, 160, 160))
+    assert not check_onnx_parity(model, tmp_path / "m.onnx", images160, (3,), precision="fp32").passed
+
+
+def test_bf16_gate_needs_kernels_onnxruntime_cpu_lacks(tmp_path, capsys):
+    code, _, err = run(capsys, "test_vit", "--weights", "random", "--precision", "bf16", "--target", "onnx",
+                       "-o", str(tmp_path / "o"), "--parity-images", "2")
+    assert code == 2
+    assert "has no kernel for part of this bf16 graph" in _only_error_line(err)
+    assert list(tmp_path.iterdir()) == []
+    code, _, err = run(capsys, "test_vit", "--weights", "random", "--precision", "bf16", "--target", "onnx",
+                       "-o", str(tmp_path / "o"), "--no-verify")
+    assert code == 0, err
