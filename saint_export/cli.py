@@ -419,10 +419,12 @@ def _summary(folder: Path, schedule, result: dict, progress: Progress) -> None:
     if parity:
         closeness = (f"max |Δlogits| {parity.max_abs_diff:.2g}" if parity.precision == "fp32"
                      else f"min cosine {parity.min_cosine:.5f}")
+        compared = sum(b["compared"] for b in parity.blocks.values())
+        exact = sum(b["order_equal"] for b in parity.blocks.values())
         print(f"  parity: passed on {parity.images} image runs (batch {parity.batch_sizes}, {parity.precision}), "
-              f"{closeness}, top-1 agreement {parity.top1_agreement:.0%}, "
-              f"kept sets identical in {len(parity.blocks)} pruning blocks"
-              + (f" ({len(parity.near_ties)} numerical near-tie runs, see report.json)" if parity.near_ties else ""))
+              f"{closeness}, top-1 agreement {parity.top1_agreement:.0%}; kept tokens exact in {exact}/{compared} "
+              f"block selections" + (f", {len(parity.near_ties)} numerical near-ties (see report.json)"
+                                     if parity.near_ties else ""))
     else:
         print("  parity: NOT verified (--no-verify)")
     engine = result["engine"]

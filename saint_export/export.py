@@ -58,17 +58,24 @@ def saint_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == ops.DOMAIN and n.op_type == ops.OP_TYPE]
 
 
-def write_audit_model(path: Path, audit_path: Path) -> list[tuple[str, str]]:
-    """Copy `path` with every SimilarityTopK output exposed as a graph output (same weights file).
+def write_forced_model(path: Path, forced_path: Path) -> list[tuple[str, str, str]]:
+    """A teacher-forced copy of `path` (same weights file) for the parity gate: every
+    SimilarityTopK node's keep_index becomes a graph input that downstream nodes read, while the
+    node's own selection and vote_rows are exposed as outputs. Fed eager's kept tokens, the graph
+    then runs every block on the same tokens as eager, so each block's selection and the logits
+    can be compared without one block's float noise cascading into the next.
 
-    Returns the (keep_index, vote_rows) output names per pruning block, in block order.
+    Returns (forced input, own keep_index output, vote_rows output) per pruning block, in order.
     """
     model = onnx.load(str(path), load_external_data=False)
-    exposed = []
+    names = []
     for node in saint_nodes(model):
-        keep_index, vote_rows = node.output
-        model.graph.output.extend([onnx.helper.make_tensor_value_info(keep_index, onnx.TensorProto.INT64, None),
+        forced, vote_rows = node.output
+        own = f"{forced}__own"
+        node.output[0] = own
+        model.graph.input.append(onnx.helper.make_tensor_value_info(forced, onnx.TensorProto.INT64, None))
+        model.graph.output.extend([onnx.helper.make_tensor_value_info(own, onnx.TensorProto.INT64, None),
                                    onnx.helper.make_tensor_value_info(vote_rows, onnx.TensorProto.INT64, None)])
-        exposed.append((keep_index, vote_rows))
-    onnx.save(model, str(audit_path))
-    return exposed
+        names.append((forced, own, vote_rows))
+    onnx.save(model, str(forced_path))
+    return names

@@ -8,7 +8,7 @@ from conftest import make_model
 from test_cli import _only_error_line, run
 
 import saint_export as se
-from saint_export.export import export_onnx
+from saint_export.export import export_onnx, saint_nodes
 from saint_export.precision import LowPrecisionLinear, apply_precision
 from saint_export.validate import NEAR_TIE, check_onnx_parity
 
@@ -42,10 +42,13 @@ def test_fp16_parity_gate(tmp_path, images160):
     export_onnx(model, tmp_path / "m.onnx", (3, 160, 160))
     report = check_onnx_parity(model, tmp_path / "m.onnx", images160, (1, 3), precision="fp16")
     assert report.passed, report.table()
-    assert report.min_cosine >= 0.999 and report.top1_matched == 1.0
-    # where selections differ, eager scores them within fp16 noise of each other
+    assert report.min_cosine >= 0.999 and report.top1_agreement == 1.0
+    # where a block's selection differs, eager scores the swapped tokens within fp16 noise
     assert all(gap <= NEAR_TIE["fp16"] for *_, gap in report.near_ties)
-    assert report.images - len(report.near_ties) >= 4  # and some runs matched end to end
+    compared = sum(s["compared"] for s in report.blocks.values())
+    exact = sum(s["order_equal"] for s in report.blocks.values())
+    assert exact + len(report.near_ties) == compared
+    assert exact >= 0.6 * compared, report.table()  # teacher-forced, most block selections agree exactly
 
 
 def test_fp16_gate_is_not_the_fp32_gate(tmp_path, images160):
@@ -64,3 +67,16 @@ def test_bf16_gate_needs_kernels_onnxruntime_cpu_lacks(tmp_path, capsys):
     code, _, err = run(capsys, "test_vit", "--weights", "random", "--precision", "bf16", "--target", "onnx",
                        "-o", str(tmp_path / "o"), "--no-verify")
     assert code == 0, err
+
+
+def test_fp16_gate_still_catches_a_wrong_graph(tmp_path, images160):
+    """The fp16 near-tie allowance is float noise, not a blanket excuse: another τ in one block fails."""
+    model = apply_precision(se.apply(make_model("test_vit"), "early50", tau=0.5), "fp16")
+    export_onnx(model, tmp_path / "m.onnx", (3, 160, 160))
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    for attr in saint_nodes(graph)[0].attribute:
+        if attr.name == "tau":
+            attr.f = 0.3
+    onnx.save(graph, str(tmp_path / "m.onnx"))
+    report = check_onnx_parity(model, tmp_path / "m.onnx", images160, (3,), precision="fp16")
+    assert any(f.startswith("block 0: kept tokens") for f in report.failures), report.table()
