@@ -184,11 +184,8 @@ def export(args) -> int:
     with StagedOutput(output) as staged:
         try:
             result = _build(args, arch, schedule, staged.path, progress)
-        except EngineParityError as err:
-            _err(f"\n{err}; nothing was written")
-            return EXIT_GATE_FAILED
-        if result["parity"] is not None and not result["parity"].passed:
-            _err("\nparity gate FAILED; nothing was written:\n" + result["parity"].table())
+        except GateFailed as failure:
+            _err(f"\nparity gate FAILED; nothing was written:\n{failure}")
             return EXIT_GATE_FAILED
         final = staged.commit()
     _summary(final, schedule, result, progress)
@@ -221,16 +218,19 @@ def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
                 images = torch.cat([images, _load_folder(args.images, model)])
             parity = check_onnx_parity(model, files[0], images, (1, args.batch[1]), Progress.counter,
                                        args.precision)
+            if not parity.passed:
+                raise GateFailed(parity.table())
             files += save_goldens(model, images[:args.batch[1]], folder)
-    engine = None
+    engine = engine_parity = None
     if args.target != "onnx":
         engine = _build_engine(args, folder, files, progress)
+        engine_parity = engine.pop("parity")
     with progress.step("writing manifest and report"):
         config = model.pretrained_cfg
         names = [f.name for f in files]
         artifacts.write_json(folder / artifacts.REPORT, {
             "parity": parity.as_dict() if parity else None,
-            "engine_parity": None if engine is None else engine.pop("parity"),
+            "engine_parity": engine_parity,
             "flops_ratio": schedule.flops_ratio(),
             "timings_seconds": progress.timings,
         })
@@ -333,16 +333,16 @@ def _build_engine(args, folder: Path, files: list, progress: Progress) -> dict:
     engine["verified"] = engine["parity"]["status"] == "passed"
     engine["verification"] = engine["parity"]["status"] + (f": {engine['parity']['reason']}"
                                                            if "reason" in engine["parity"] else "")
-    if engine["parity"]["status"] == "failed":
-        raise EngineParityError(engine["parity"])
+    result = engine["parity"]
+    if result["status"] == "failed":
+        raise GateFailed(f"engine vs eager: max |Δ| {result['max_abs_diff']:.3g} (fp32 gate ≤ "
+                         f"{result['tolerance']:.3g}), min cosine {result['min_cosine']:.5f} (fp16/bf16 gate "
+                         f"≥ 0.999), top-1 agreement {result['top1_agreement']:.1%}")
     return engine
 
 
-class EngineParityError(Exception):
-    def __init__(self, result: dict):
-        super().__init__(f"engine parity failed: max |engine − eager| {result['max_abs_diff']:.3g} "
-                         f"(fp32 gate ≤ {result['tolerance']:.3g}), min cosine {result['min_cosine']:.5f} "
-                         f"(fp16/bf16 gate ≥ 0.999), top-1 agreement {result['top1_agreement']:.1%}")
+class GateFailed(Exception):
+    """A parity gate failed; the message is the table of what failed."""
 
 
 def _engine_parity(args, backend, folder: Path) -> dict:

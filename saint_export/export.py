@@ -24,7 +24,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int, int],
                 opset: int = DEFAULT_OPSET) -> list[Path]:
-    """Export `model` (eval mode, fp32) to `path` with a dynamic batch axis. Returns the files written."""
+    """Export `model` (eval mode) to `path` with a dynamic batch axis. Returns the files written."""
     state = getattr(model, "saint", None)
     if state is not None and not state.schedule.is_static:
         raise SaintError(f"keep schedule 'dynamic' cannot be exported (token counts depend on the data); "
@@ -39,7 +39,7 @@ def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             custom_translation_table=ops.CUSTOM_TRANSLATION_TABLE)
-    function = ir.serde.deserialize_function(ops.function_proto())
+    function = ir.serde.deserialize_function(ops.function_proto(opset))
     program.model.functions[function.identifier()] = function
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=external)

@@ -105,10 +105,17 @@ def SimilarityTopK(keys, num_protected: int, drop: int, tau: float, vote_k: int,
     return keep_index, vote_rows
 
 
-def function_proto() -> onnx.FunctionProto:
-    """The model-local function; it also declares the plugin attributes the node carries."""
+def function_proto(opset: int = 18) -> onnx.FunctionProto:
+    """The model-local function; it also declares the plugin attributes the node carries.
+
+    ONNX requires a function to import the model's opset; every operator of the body means the
+    same in opsets 18 to 23.
+    """
     proto = SimilarityTopK.to_function_proto()
     proto.attribute.extend(["plugin_namespace", "plugin_version"])
+    for entry in proto.opset_import:
+        if entry.domain == "":
+            entry.version = opset
     return proto
 
 

@@ -117,3 +117,12 @@ def test_near_tie_classifier():
     b_swap = keep.copy()
     b_swap[[-1, -2]] = b_swap[[-2, -1]]  # B tokens never reorder: not a ranking question
     assert near_tie_gap(model.saint, keys, keep, b_swap) is None
+
+
+@pytest.mark.parametrize("opset", [20, 23])
+def test_newer_opsets(tmp_path, images160, opset):
+    model = se.apply(make_model("test_vit"), "early50", tau=0.5)
+    export_onnx(model, tmp_path / "m.onnx", (3, 160, 160), opset=opset)
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    assert {o.domain: o.version for o in graph.opset_import}[""] == opset
+    assert check_onnx_parity(model, tmp_path / "m.onnx", images160[:6], (3,)).passed
