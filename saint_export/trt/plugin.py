@@ -95,8 +95,14 @@ def build(headers: Path | None = None, verbose: bool = False) -> Path:
     return out / LIBRARY
 
 
-def library_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def torch_kernel():
+    """The plugin's CUDA kernel as a torch extension (needs a GPU build of torch and nvcc):
+    `torch_kernel().similarity_topk(keys, num_protected, drop, tau, vote_k, gamma)`."""
+    from torch.utils.cpp_extension import load
+
+    return load(name="saint_similarity_topk_kernel", sources=[str(SOURCE_DIR / "torchBinding.cpp"),
+                                                              str(SOURCE_DIR / "similarityTopKKernel.cu")],
+                extra_include_paths=[str(SOURCE_DIR)], extra_cuda_cflags=["-std=c++17"], verbose=False)
 
 
 def main(argv: list[str] | None = None) -> int:

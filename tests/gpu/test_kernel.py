@@ -4,26 +4,21 @@ Runs only where a CUDA GPU and nvcc are present (a lent GPU machine); skipped el
 """
 import itertools
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from saint_export import core
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or shutil.which("nvcc") is None,
                                 reason="needs a CUDA GPU and nvcc (run on a GPU machine)")
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    from torch.utils.cpp_extension import load
+    from saint_export.trt.plugin import torch_kernel
 
-    plugin = ROOT / "plugins" / "similarity_topk"
-    return load(name="saint_similarity_topk_test", sources=[str(Path(__file__).with_name("kernel_binding.cpp")),
-                                                            str(plugin / "similarityTopKKernel.cu")],
-                extra_include_paths=[str(plugin)], extra_cuda_cflags=["-std=c++17"], verbose=False)
+    return torch_kernel()
 
 
 def _keys(generator, batch, tokens, dim, ties):

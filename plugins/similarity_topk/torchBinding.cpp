@@ -1,4 +1,4 @@
-// Test-only binding: the plugin's CUDA kernel as a torch op, to compare it with the eager operator.
+// Development binding: the plugin's CUDA kernel as a torch op (tests/gpu, scripts/bench_kernel_gpu.py).
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/extension.h>
 
