@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resolve(args):
-    """Everything that needs no weights: names, schedule, output folder. Fails fast."""
+    """Everything that needs no weights: hyper-parameters, weights argument, model name, schedule."""
     from . import KeepSchedule
     from .models import architecture, check_weights_arg
     from .patch import check_hyperparameters
