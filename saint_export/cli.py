@@ -159,7 +159,6 @@ def export(args) -> int:
     from .artifacts import StagedOutput, check_writable
     from .errors import SaintError
     from .export import check_opset
-    from .schedule import EXPORTABLE_HINT
 
     args.batch = _batch_profile(args.batch)
     if args.parity_images < 1:
@@ -172,9 +171,7 @@ def export(args) -> int:
     if args.print_schedule:
         print(schedule.table())
         return 0
-    if not schedule.is_static:
-        raise SaintError(f"keep schedule 'dynamic' cannot be exported (its token counts depend on the data); "
-                         f"{EXPORTABLE_HINT}")
+    schedule.require_static()
     output = args.output or Path("engines") / f"{args.model}-{_slug(schedule.spec)}"
     check_writable(output)
     _err(schedule.table())
@@ -220,11 +217,11 @@ def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
                                        args.precision)
             if not parity.passed:
                 raise GateFailed(parity.table())
-            files += save_goldens(model, images[:args.batch[1]], folder)
-    engine = engine_parity = None
+            files += save_goldens(*parity.golden, folder)
+    engine = engine_parity = plugin_library = None
     if args.target != "onnx":
         engine = _build_engine(args, folder, files, progress)
-        engine_parity = engine.pop("parity")
+        engine_parity, plugin_library = engine.pop("parity"), engine.pop("plugin_library")
     with progress.step("writing manifest and report"):
         config = model.pretrained_cfg
         names = [f.name for f in files]
@@ -253,7 +250,7 @@ def _build(args, arch, schedule, folder: Path, progress: Progress) -> dict:
             "engine": engine,
             "tensorrt": None if engine is None else {"backend": engine["backend"], "version": engine["version"]},
             "gpu": _gpu_name(), "compute_capability": None if engine is None else engine["compute_capability"],
-            "plugin_library": getattr(args, "plugin_record", None),
+            "plugin_library": plugin_library,
             "versions": artifacts.versions(),
             "files": artifacts.checksums(folder, names),
         }
@@ -315,12 +312,13 @@ def _build_engine(args, folder: Path, files: list, progress: Progress) -> dict:
             _err(f"      plugin library unavailable ({err}); TensorRT will run the ONNX function instead")
     elif args.plugin_lib != "none":
         library = Path(args.plugin_lib)
+    record = None
     if library is not None:  # shipped inside the folder: the engine needs exactly this library to load
         shutil.copy2(library, folder / plugin.LIBRARY)
         files.append(folder / plugin.LIBRARY)
         library = folder / plugin.LIBRARY
-        args.plugin_record = {"file": plugin.LIBRARY, "sha256": sha256(library),
-                              "name": "SimilarityTopK", "version": "1", "namespace": "saint"}
+        record = {"file": plugin.LIBRARY, "sha256": sha256(library), "name": "SimilarityTopK", "version": "1",
+                  "namespace": "saint"}
     cache = args.timing_cache or plugin.cache_dir() / f"timing-{backend.name}-{backend.version}.cache"
     cache.parent.mkdir(parents=True, exist_ok=True)
     selection = "plugin" if library else "ONNX function"
@@ -329,6 +327,7 @@ def _build_engine(args, folder: Path, files: list, progress: Progress) -> dict:
         engine = build_engine(backend, files[0], folder / "engine.plan", args.batch, library,
                               args.compute_capability, cache)
     files.append(folder / "engine.plan")
+    engine["plugin_library"] = record
     engine["parity"] = _engine_parity(args, backend, folder)
     engine["verified"] = engine["parity"]["status"] == "passed"
     engine["verification"] = engine["parity"]["status"] + (f": {engine['parity']['reason']}"

@@ -12,7 +12,6 @@ import torch
 
 from . import ops
 from .errors import SaintError
-from .schedule import EXPORTABLE_HINT
 
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 18, 23  # torch.onnx (dynamo) support
@@ -26,9 +25,8 @@ def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int,
                 opset: int = DEFAULT_OPSET) -> list[Path]:
     """Export `model` (eval mode) to `path` with a dynamic batch axis. Returns the files written."""
     state = getattr(model, "saint", None)
-    if state is not None and not state.schedule.is_static:
-        raise SaintError(f"keep schedule 'dynamic' cannot be exported (token counts depend on the data); "
-                         f"{EXPORTABLE_HINT}")
+    if state is not None:
+        state.schedule.require_static()
     check_opset(opset)
     model.eval()
     example = torch.randn(2, *image_shape)  # batch 2, so the batch axis is not specialised to 1

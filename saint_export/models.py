@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import os
 import socket
+import sys
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,7 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"--weights {str(path)!r} does not hold a state dict of tensors")
     state = timm.models.clean_state_dict(state)
-    filter_fn = getattr(__import__(type(model).__module__, fromlist=["_"]), "checkpoint_filter_fn", None)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
             state = filter_fn(state, model)

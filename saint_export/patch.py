@@ -6,6 +6,7 @@ itself is `TokenDropper`, shared by all of them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ import torch
 
 from . import core
 from .errors import SaintError
-from .schedule import KeepSchedule
+from .schedule import NOT_EXPORTABLE, KeepSchedule
 
 
 @dataclass
@@ -23,7 +24,6 @@ class SaintState:
     tau: float
     vote_k: int
     gamma: float
-    adapter: str
     # While recording: one (block, keep_index, vote_rows, keys) per pruning block and forward.
     trace: list | None = field(default=None, repr=False)
 
@@ -34,24 +34,22 @@ class TokenDropper:
     block: int
     drop: int | None  # None: the reference method's dynamic r
     tokens_in: int | None  # static schedules know the token count each block must see
-    num_protected: int
     state: SaintState
 
     def __call__(self, keys: torch.Tensor) -> torch.Tensor | None:
         s = self.state
+        p = s.schedule.num_protected
         if self.tokens_in is not None and keys.shape[1] != self.tokens_in:
             raise SaintError(f"block {self.block} expected {self.tokens_in} tokens but got {keys.shape[1]}: "
                              "the input image size differs from the one the keep schedule was resolved for")
         if self.drop is None:
             if torch.compiler.is_compiling():
-                raise SaintError("keep schedule 'dynamic' has data-dependent shapes and cannot be traced or "
-                                 "exported; use early<P> (e.g. early50) or calib:<file.json>")
-            keep, vote_rows = torch.ops.saint.similarity_topk(keys, self.num_protected, 0, s.tau, s.vote_k, s.gamma)
+                raise SaintError(NOT_EXPORTABLE)
+            keep, vote_rows = torch.ops.saint.similarity_topk(keys, p, 0, s.tau, s.vote_k, s.gamma)
             r = core.dynamic_drop(vote_rows)
-            keep = torch.cat([keep[:, :self.num_protected], keep[:, self.num_protected + r:]], 1) if r else None
+            keep = torch.cat([keep[:, :p], keep[:, p + r:]], 1) if r else None
         else:
-            keep, vote_rows = torch.ops.saint.similarity_topk(
-                keys, self.num_protected, self.drop, s.tau, s.vote_k, s.gamma)
+            keep, vote_rows = torch.ops.saint.similarity_topk(keys, p, self.drop, s.tau, s.vote_k, s.gamma)
         if s.trace is not None:
             s.trace.append((self.block, keep, vote_rows, keys))
         return keep
@@ -72,21 +70,24 @@ def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50",
     info = adapter.describe(model)
     check_hyperparameters(tau, K, gamma)
     if isinstance(keep_schedule, KeepSchedule):
-        schedule = keep_schedule
-        if (schedule.depth, schedule.num_patches) != (info.depth, info.num_patches):
-            raise SaintError(f"keep schedule was resolved for depth {schedule.depth} and {schedule.num_patches} "
-                             f"patches, but the model has depth {info.depth} and {info.num_patches} patches")
+        if (keep_schedule.depth, keep_schedule.num_patches) != (info.depth, info.num_patches):
+            raise SaintError(f"keep schedule was resolved for depth {keep_schedule.depth} and "
+                             f"{keep_schedule.num_patches} patches, but the model has depth {info.depth} and "
+                             f"{info.num_patches} patches")
+        # The drops only depend on depth and patches; the rest describes this model.
+        schedule = dataclasses.replace(keep_schedule, num_protected=info.num_protected, embed_dim=info.embed_dim,
+                                       mlp_ratio=info.mlp_ratio)
     else:
         schedule = KeepSchedule.parse(keep_schedule, info.depth, info.num_patches,
                                       num_protected=info.num_protected, embed_dim=info.embed_dim,
                                       mlp_ratio=info.mlp_ratio)
-    state = SaintState(schedule, float(tau), int(K), float(gamma), adapter.name)
+    state = SaintState(schedule, float(tau), int(K), float(gamma))
     counts = schedule.patch_counts()
     droppers = {}
     for block in schedule.pruning_blocks:
         drop = None if schedule.drops is None else schedule.drops[block]
         tokens_in = None if drop is None else counts[block] + info.num_protected
-        droppers[block] = TokenDropper(block, drop, tokens_in, info.num_protected, state)
+        droppers[block] = TokenDropper(block, drop, tokens_in, state)
     adapter.patch(model, droppers)
     model.saint = state
     return model

@@ -20,6 +20,7 @@ from .errors import SaintError
 from .ops import TOPK_LIMIT
 
 EXPORTABLE_HINT = "use early<P> (e.g. early50) or calib:<file.json> for a static budget"
+NOT_EXPORTABLE = f"keep schedule 'dynamic' cannot be exported (its token counts depend on the data); {EXPORTABLE_HINT}"
 
 
 class ScheduleError(SaintError):
@@ -65,6 +66,10 @@ class KeepSchedule:
     @property
     def is_static(self) -> bool:
         return self.drops is not None
+
+    def require_static(self) -> None:
+        if not self.is_static:
+            raise ScheduleError(NOT_EXPORTABLE)
 
     @property
     def pruning_blocks(self) -> list[int]:

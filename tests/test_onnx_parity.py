@@ -126,3 +126,16 @@ def test_newer_opsets(tmp_path, images160, opset):
     graph = onnx.load(str(tmp_path / "m.onnx"))
     assert {o.domain: o.version for o in graph.opset_import}[""] == opset
     assert check_onnx_parity(model, tmp_path / "m.onnx", images160[:6], (3,)).passed
+
+
+def test_preparsed_schedule_takes_the_models_protected_tokens():
+    """A KeepSchedule parsed without model details (num_protected defaults to 1) applied to a model
+    with CLS + distillation token must select with 2 protected tokens."""
+    model = make_model("deit_tiny_distilled_patch16_224", img_size=160, depth=4)
+    schedule = se.KeepSchedule.parse("r:10", depth=4, num_patches=100)
+    se.apply(model, schedule)
+    assert model.saint.schedule.num_protected == 2
+    with torch.no_grad(), se.record_kept(model) as trace:
+        model(torch.randn(1, 3, 160, 160))
+    keep = trace[0][1][0]
+    assert keep[:2].tolist() == [0, 1] and (keep[2:42] % 2 == 0).all()  # A tokens of patches start at 2
