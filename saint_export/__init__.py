@@ -1,14 +1,34 @@
-"""saint-export: SAINT token pruning as static-budget, exportable graph operations."""
-from ._compat import import_torchvision
+"""saint-export: SAINT token pruning as static-budget, exportable graph operations.
 
-import_torchvision()
+The package imports lazily: `import saint_export.runtime` (numpy plus ONNX Runtime or TensorRT)
+never loads torch; the names below load their module (and torch) on first use.
+"""
+from __future__ import annotations
 
-from . import ops  # noqa: E402  (registers torch.ops.saint.similarity_topk)
-from .core import GAMMA, TAU, VOTE_K  # noqa: E402
-from .errors import SaintError  # noqa: E402
-from .patch import apply, record_kept  # noqa: E402
-from .schedule import KeepSchedule, ScheduleError  # noqa: E402
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["apply", "record_kept", "KeepSchedule", "ScheduleError", "SaintError", "TAU", "VOTE_K", "GAMMA",
-           "ops", "__version__"]
+
+_EXPORTS = {
+    "apply": "patch", "record_kept": "patch", "KeptTokens": "patch",
+    "KeepSchedule": "schedule", "ScheduleError": "schedule", "Calibration": "schedule",
+    "ExportConfig": "config",
+    "export": "pipeline", "calibrate": "pipeline", "resolve_schedule": "pipeline", "ExportResult": "pipeline",
+    "Progress": "pipeline",
+    "SaintError": "errors", "InputError": "errors", "BackendError": "errors", "GateFailed": "errors",
+    "Manifest": "manifest",
+    "TAU": "spec", "VOTE_K": "spec", "GAMMA": "spec",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -1,4 +1,4 @@
-"""Output folders that are complete or absent, and the manifest that describes them (DESIGN §5)."""
+"""Files and folders that are complete or absent, checksums and versions (docs/artifacts.md). No torch."""
 from __future__ import annotations
 
 import contextlib
@@ -11,13 +11,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import SaintError
+from .errors import InputError
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # read and written by manifest.py
 REPORT = "report.json"
 
 
-class OutputError(SaintError):
+class OutputError(InputError):
     """An output folder that cannot be written."""
 
 
@@ -97,8 +97,21 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write `path` through a hidden sibling and one rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: Path, data: dict) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def versions() -> dict:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import torch
 
-TAU = 0.75
-VOTE_K = 5
-GAMMA = 10.0
+from .spec import GAMMA, TAU, VOTE_K
 # Guards the key normalisation against an all-zero key (the reference divides by the norm
 # alone and would produce NaN); it changes nothing for any key with a norm above 1e-12.
 NORM_EPS = 1e-12
@@ -71,7 +69,7 @@ def keep_index_from_scores(score: torch.Tensor, num_protected: int, num_tokens: 
 
 def similarity_topk(keys: torch.Tensor, num_protected: int, drop: int, tau: float = TAU,
                     vote_k: int = VOTE_K, gamma: float = GAMMA) -> tuple[torch.Tensor, torch.Tensor]:
-    """The operator of DESIGN §4: (keep_index [B, N - drop], vote_rows [B]), both int64."""
+    """The operator (docs/operator.md): (keep_index [B, N - drop], vote_rows [B]), both int64."""
     score, vote_rows = redundancy_scores(keys, num_protected, tau, vote_k, gamma)
     return keep_index_from_scores(score, num_protected, keys.shape[1], drop), vote_rows
 

@@ -1,4 +1,4 @@
-"""The `saint::SimilarityTopK` operator (DESIGN §4) for PyTorch and ONNX.
+"""The `saint::SimilarityTopK` operator (docs/operator.md; contract in `spec.py`) for PyTorch and ONNX.
 
 - `torch.ops.saint.similarity_topk`: a torch.library custom op whose eager implementation is
   `core.similarity_topk` (the reference) and whose fake implementation gives static shapes, so
@@ -16,13 +16,8 @@ import torch
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
-from . import core
-
-DOMAIN = "saint"
-OP_TYPE = "SimilarityTopK"
-PLUGIN_VERSION = "1"
-# TensorRT's ITopKLayer limit; the operator sorts the n_A = ⌈n/2⌉ A tokens.
-TOPK_LIMIT = 3840
+from . import core, spec
+from .spec import DOMAIN, OP_TYPE
 
 
 @torch.library.custom_op("saint::similarity_topk", mutates_args=())
@@ -41,23 +36,23 @@ def _similarity_topk_shapes(keys, num_protected, drop, tau, vote_k, gamma):
 def _register_onnx_schema() -> None:
     if onnx.defs.has(OP_TYPE, DOMAIN):
         return
-    attr = OpSchema.Attribute
-    ints, floats, strings = OpSchema.AttrType.INT, OpSchema.AttrType.FLOAT, OpSchema.AttrType.STRING
+    types = {"int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
+    onnx_types = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)"}
+    attributes = [OpSchema.Attribute(a.name, types[a.type], a.doc, required=True) for a in spec.ATTRIBUTES]
+    attributes += [OpSchema.Attribute(name, OpSchema.AttrType.STRING, "TensorRT plugin lookup", required=False)
+                   for name in spec.PLUGIN_ATTRIBUTES]
     onnx.defs.register_schema(OpSchema(
-        OP_TYPE, DOMAIN, 1,
+        OP_TYPE, DOMAIN, spec.DOMAIN_VERSION,
         doc="SAINT similarity top-k: kept token indices in SAINT order, and the vote diagnostic.",
-        inputs=[OpSchema.FormalParameter("keys", "T")],
-        outputs=[OpSchema.FormalParameter("keep_index", "tensor(int64)"),
-                 OpSchema.FormalParameter("vote_rows", "tensor(int64)")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "keys")],
-        attributes=[attr("num_protected", ints, ""), attr("drop", ints, ""), attr("tau", floats, ""),
-                    attr("vote_k", ints, ""), attr("gamma", floats, ""),
-                    attr("plugin_namespace", strings, ""), attr("plugin_version", strings, "")],
+        inputs=[OpSchema.FormalParameter(spec.INPUTS[0], "T")],
+        outputs=[OpSchema.FormalParameter(name, "tensor(int64)") for name in spec.OUTPUTS],
+        type_constraints=[("T", [onnx_types[t] for t in spec.KEY_TYPES], "keys")],
+        attributes=attributes,
     ))
 
 
 _register_onnx_schema()
-_saint_opset = onnxscript.values.Opset(DOMAIN, 1)
+_saint_opset = onnxscript.values.Opset(DOMAIN, spec.DOMAIN_VERSION)
 
 FLOAT, INT64, DOUBLE = 1, 7, 11  # onnx.TensorProto data types for Cast
 
@@ -112,7 +107,7 @@ def function_proto(opset: int = 18) -> onnx.FunctionProto:
     same in opsets 18 to 23.
     """
     proto = SimilarityTopK.to_function_proto()
-    proto.attribute.extend(["plugin_namespace", "plugin_version"])
+    proto.attribute.extend(spec.PLUGIN_ATTRIBUTES)
     for entry in proto.opset_import:
         if entry.domain == "":
             entry.version = opset
@@ -122,7 +117,7 @@ def function_proto(opset: int = 18) -> onnx.FunctionProto:
 def _onnx_translation(keys, num_protected: int, drop: int, tau: float, vote_k: int, gamma: float):
     return _saint_opset.SimilarityTopK(
         keys, num_protected=num_protected, drop=drop, tau=tau, vote_k=vote_k, gamma=gamma,
-        plugin_namespace=DOMAIN, plugin_version=PLUGIN_VERSION, _num_outputs=2)
+        **spec.PLUGIN_ATTRIBUTES, _num_outputs=len(spec.OUTPUTS))
 
 
 CUSTOM_TRANSLATION_TABLE = {torch.ops.saint.similarity_topk.default: _onnx_translation}

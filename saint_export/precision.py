@@ -1,7 +1,7 @@
 """Engine precision, expressed in the exported graph (strongly typed TensorRT builds what it reads).
 
-fp16 / bf16: the transformer blocks' Linear layers (qkv, proj, MLP: ~95% of a ViT's FLOPs) compute in
-the low precision; the residual stream, LayerNorm, the attention softmax, SAINT's scoring (keys
+fp16 / bf16: the Linear layers the adapter names (for ViTs the blocks' qkv, proj and MLP: ~95% of the
+FLOPs) compute in the low precision; the residual stream, LayerNorm, the attention softmax, SAINT's scoring (keys
 arrive in fp32), the patch embedding and the head stay fp32. Cast nodes around each Linear make
 the choice explicit in ONNX, so no builder flag or autocast pass is needed.
 """
@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import SaintError
+from .adapters import find_adapter
+from .config import PRECISIONS
+from .errors import InputError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 class LowPrecisionLinear(torch.nn.Linear):
@@ -23,15 +25,12 @@ class LowPrecisionLinear(torch.nn.Linear):
 
 
 def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Switch the blocks' Linear layers of `model` to `precision`, in place."""
+    """Switch the Linear layers the model's adapter names to `precision`, in place."""
     if precision not in DTYPES:
-        raise SaintError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
+        raise InputError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
     if precision == "fp32":
         return model
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise SaintError(f"precision {precision} needs a model with transformer blocks (model.blocks)")
-    for module in blocks.modules():
+    for module in find_adapter(model).low_precision_modules(model):
         if type(module) is torch.nn.Linear:
             module.to(DTYPES[precision])
             module.__class__ = LowPrecisionLinear

@@ -1,4 +1,4 @@
-"""Keep schedules (DESIGN §2): how many patch tokens each block drops.
+"""Keep schedules (docs/keep-schedules.md): how many patch tokens each block drops.
 
 | form              | meaning                                                              |
 | ----------------- | -------------------------------------------------------------------- |
@@ -10,20 +10,21 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SaintError
-from .ops import TOPK_LIMIT
+from .spec import drop_problem, max_drop
+from .errors import InputError
 
 EXPORTABLE_HINT = "use early<P> (e.g. early50) or calib:<file.json> for a static budget"
 NOT_EXPORTABLE = f"keep schedule 'dynamic' cannot be exported (its token counts depend on the data); {EXPORTABLE_HINT}"
 
 
-class ScheduleError(SaintError):
+class ScheduleError(InputError):
     """A keep schedule that is malformed or impossible for the model."""
 
 
@@ -35,13 +36,17 @@ class KeepSchedule:
     # Per-block drop counts; None for `dynamic`, where r is decided per batch at run time.
     drops: tuple[int, ...] | None
     num_protected: int = 1
-    embed_dim: int = 768
-    mlp_ratio: float = 4.0
+    # The block width and MLP ratio only feed the FLOPs ratio; without them there is none (no
+    # silent default width: the ratio must be the same wherever it is computed).
+    embed_dim: int | None = None
+    mlp_ratio: float | None = None
 
     @classmethod
     def parse(cls, spec: str, depth: int, num_patches: int, *, num_protected: int = 1,
-              embed_dim: int = 768, mlp_ratio: float = 4.0) -> "KeepSchedule":
-        """Resolve `spec` for a model with `depth` blocks and `num_patches` patch tokens."""
+              embed_dim: int | None = None, mlp_ratio: float | None = None) -> "KeepSchedule":
+        """Resolve `spec` for a model with `depth` blocks and `num_patches` patch tokens.
+
+        Pass `embed_dim` and `mlp_ratio` (or use `for_model`) to get the FLOPs ratio."""
         if depth < 1 or num_patches < 1:
             raise ScheduleError(f"need depth ≥ 1 and num_patches ≥ 1, got {depth} and {num_patches}")
         kind, arg = parse_spec(spec)
@@ -62,6 +67,20 @@ class KeepSchedule:
             drops = tuple(drops) + (0,) * (depth - len(drops))
             _check_limits(spec, drops, num_patches)
         return cls(spec, depth, num_patches, drops, num_protected, embed_dim, mlp_ratio)
+
+    @classmethod
+    def for_model(cls, spec: "str | KeepSchedule", info) -> "KeepSchedule":
+        """`spec` resolved for a model described by `info` (an adapter's ModelInfo). A schedule
+        resolved before must fit the model's depth and patches; it takes the model's other facts."""
+        if isinstance(spec, KeepSchedule):
+            if (spec.depth, spec.num_patches) != (info.depth, info.num_patches):
+                raise ScheduleError(f"keep schedule {spec.spec!r} was resolved for depth {spec.depth} and "
+                                    f"{spec.num_patches} patches, but the model has depth {info.depth} and "
+                                    f"{info.num_patches} patches")
+            return dataclasses.replace(spec, num_protected=info.num_protected, embed_dim=info.embed_dim,
+                                       mlp_ratio=info.mlp_ratio)
+        return cls.parse(spec, info.depth, info.num_patches, num_protected=info.num_protected,
+                         embed_dim=info.embed_dim, mlp_ratio=info.mlp_ratio)
 
     @property
     def is_static(self) -> bool:
@@ -86,6 +105,10 @@ class KeepSchedule:
 
     def flops_ratio(self) -> float:
         """Transformer-block MACs of this schedule over the unpruned model's (static only)."""
+        self.require_static()
+        if self.embed_dim is None or self.mlp_ratio is None:
+            raise ScheduleError("the FLOPs ratio needs the model's width and MLP ratio: resolve the schedule "
+                                "with KeepSchedule.for_model or saint_export.resolve_schedule")
         counts = self.patch_counts()
         pruned = sum(_block_macs(counts[i], counts[i + 1], self) for i in range(self.depth))
         full = self.depth * _block_macs(self.num_patches, self.num_patches, self)
@@ -105,8 +128,11 @@ class KeepSchedule:
         counts = self.patch_counts()
         for i, r in enumerate(self.drops):
             lines.append(f"{i:>5}  {counts[i] + p:>9}  {r:>7}  {counts[i + 1] + p:>10}")
-        lines.append(f"FLOPs ratio to unpruned (transformer blocks): {self.flops_ratio():.3f}"
-                     f"  (ideal speed-up {1 / self.flops_ratio():.2f}x)")
+        if self.embed_dim is None:
+            lines.append("FLOPs ratio: needs the model's width (KeepSchedule.for_model)")
+        else:
+            lines.append(f"FLOPs ratio to unpruned (transformer blocks): {self.flops_ratio():.3f}"
+                         f"  (ideal speed-up {1 / self.flops_ratio():.2f}x)")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -117,7 +143,7 @@ class KeepSchedule:
             "blocks": None if self.drops is None else [
                 {"block": i, "tokens_in": counts[i] + self.num_protected, "dropped": r,
                  "tokens_out": counts[i + 1] + self.num_protected} for i, r in enumerate(self.drops)],
-            "flops_ratio": None if self.drops is None else self.flops_ratio(),
+            "flops_ratio": None if self.drops is None or self.embed_dim is None else self.flops_ratio(),
         }
 
 
@@ -149,44 +175,71 @@ def parse_spec(spec: str):
         "r:<r0>,<r1>,… or calib:<file.json>")
 
 
-def _early_drops(spec, percent, stage, depth, num_patches):
+def _early_drops(text, percent, stage, depth, num_patches):
     if stage > depth:
-        raise ScheduleError(f"keep schedule {spec!r}: the stage has {stage} blocks but the model has {depth}")
+        raise ScheduleError(f"keep schedule {text!r}: the stage has {stage} blocks but the model has {depth}")
     if stage == 0:
-        raise ScheduleError(f"keep schedule {spec!r}: a {depth}-block model has no early stage; use early<P>@<B>")
+        raise ScheduleError(f"keep schedule {text!r}: a {depth}-block model has no early stage; use early<P>@<B>")
     target = math.floor(percent / 100 * num_patches + 0.5)
     if target < 1:
-        raise ScheduleError(f"keep schedule {spec!r}: keeps {target} of {num_patches} patches; "
+        raise ScheduleError(f"keep schedule {text!r}: keeps {target} of {num_patches} patches; "
                             "at least one patch token must remain")
     drops, n = [], num_patches
     for block in range(stage):
-        r = min(math.ceil((n - target) / (stage - block)), math.ceil(n / 2))
+        r = min(math.ceil((n - target) / (stage - block)), max_drop(n))
         drops.append(r)
         n -= r
     if n != target:
         raise ScheduleError(
-            f"keep schedule {spec!r}: cannot reach {target} of {num_patches} patches in {stage} blocks "
+            f"keep schedule {text!r}: cannot reach {target} of {num_patches} patches in {stage} blocks "
             f"(each block drops at most half; the budget recursion ends at {n}): keep more or use more blocks")
     return drops
 
 
-def _check_limits(spec, drops, num_patches):
+def _check_limits(text, drops, num_patches):
     n = num_patches
     for block, r in enumerate(drops):
-        n_a = math.ceil(n / 2)
-        if r > n_a:
-            raise ScheduleError(f"keep schedule {spec!r}: block {block} drops {r} but can drop at most "
-                                f"⌈{n}/2⌉ = {n_a} (the A half of its {n} patches)")
-        if n - r < 1:
-            raise ScheduleError(f"keep schedule {spec!r}: block {block} would drop all {n} remaining patches; "
-                                "at least one patch token must remain")
-        if r > 0 and n_a > TOPK_LIMIT:
-            raise ScheduleError(f"keep schedule {spec!r}: block {block} ranks {n_a} tokens, above TensorRT's "
-                                f"TopK limit of {TOPK_LIMIT}")
+        problem = drop_problem(n, r)
+        if problem:
+            raise ScheduleError(f"keep schedule {text!r}: block {block} {problem}")
         n -= r
 
 
+CALIBRATION_FORMAT = "saint-export-calibration/1"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-block budgets measured with the dynamic method (what `calib:<file>` reads).
+
+    `per_image_drops[i][b]` is the r that block b chose for image i alone; `drops` is their
+    `percentile`, floored and kept within the per-block limits."""
+    model: str
+    depth: int
+    num_patches: int
+    tau: float
+    K: int
+    gamma: float
+    percentile: float
+    per_image_drops: list
+    drops: list
+
+    def to_json(self) -> str:
+        return json.dumps({"format": CALIBRATION_FORMAT, **dataclasses.asdict(self)}, indent=1) + "\n"
+
+    def save(self, path: Path) -> Path:
+        from .artifacts import atomic_write_text
+
+        return atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> "Calibration":
+        data = json.loads(Path(path).read_text())
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
 def _read_calibration(path: Path, depth: int, num_patches: int):
+    """The drops of a calibration file: ours, or any JSON with a 'drops' list."""
     try:
         data = json.loads(path.read_text())
         drops = data["drops"]

@@ -1,4 +1,4 @@
-"""Parity gates (DESIGN §6): an exported graph against eager PyTorch on the same images."""
+"""The parity gate (docs/parity.md): an exported graph against eager PyTorch on the same images."""
 from __future__ import annotations
 
 import contextlib
@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from . import core
-from .errors import SaintError
-from .export import INPUT_NAME, write_forced_model
+from .adapters import find_adapter
+from .errors import BackendError, InputError
+from .onnx_graph import write_audit_model
+from .parity import HALF_COSINE, compare_logits
 from .patch import record_kept
+from .runtime.runners import ort_session
 
-FP32_TOLERANCE = 1e-4  # max |ours − eager| ≤ 1e-4 · max(1, max |eager|)
-HALF_COSINE = 0.999  # fp16 / bf16: cosine(ours, eager) ≥ 0.999 and the same top-1
 # Two backends compute a block's input with different kernels, so tokens whose eager scores are
 # closer (relative) than that noise may rank either way: a numerical near-tie, not a bug. Keys
 # carry a few units of roundoff ε; the score c·exp(γ(s̄−τ)) turns that into ~γ·few·ε, and a vote
@@ -64,10 +65,10 @@ def synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.stack(images))
 
 
-def normalise(images: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    config = getattr(model, "pretrained_cfg", {}) or {}
-    mean = torch.tensor(config.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
-    std = torch.tensor(config.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
+def normalise(images: torch.Tensor, preprocess) -> torch.Tensor:
+    """[0, 1] images → model inputs, with an `images.Preprocess`'s mean and std."""
+    mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1)
     return (images - mean) / std
 
 
@@ -76,34 +77,22 @@ class ParityReport:
     """Eager vs ONNX Runtime, teacher-forced per block and free-running end to end."""
     batch_sizes: list[int]
     precision: str = "fp32"
-    images: int = 0
-    tolerance: float = 0.0
-    # teacher-forced: every block runs on eager's kept tokens
-    max_abs_diff: float = 0.0
-    min_cosine: float = 1.0
-    top1_agreement: float = 1.0
-    # free-running: the deployed graph as is
-    top1_free: float = 1.0
+    image_runs: int = 0  # images × batch sizes
+    logits: Closeness | None = None  # teacher-forced: every block runs on eager's kept tokens
+    top1_free_running: float = 1.0  # the deployed graph as is
     # block → {"compared", "order_equal" (exact), "near_tie", "set_equal", "votes_equal"}
     blocks: dict = field(default_factory=dict)
     near_ties: list = field(default_factory=list)  # (image, batch size, block, relative score gap)
     eager_seconds: float = 0.0
-    onnx_seconds: float = 0.0
+    onnxruntime_seconds: float = 0.0
     # (inputs, eager logits) of the first run at the largest batch size: the golden files
     golden: tuple | None = field(default=None, repr=False)
 
     @property
     def failures(self) -> list[str]:
-        failed = []
-        if self.precision == "fp32":
-            if self.max_abs_diff > self.tolerance:
-                failed.append(f"logits: max |onnx − eager| = {self.max_abs_diff:.3g} > {self.tolerance:.3g}")
-            if self.top1_free < 1.0:
-                failed.append(f"top-1 agreement of the free-running graph {self.top1_free:.1%} < 100%")
-        elif self.min_cosine < HALF_COSINE:
-            failed.append(f"logits: min cosine {self.min_cosine:.5f} < {HALF_COSINE}")
-        if self.top1_agreement < 1.0:
-            failed.append(f"top-1 agreement {self.top1_agreement:.1%} < 100%")
+        failed = self.logits.failures("logits") if self.logits else ["no images were compared"]
+        if self.precision == "fp32" and self.top1_free_running < 1.0:
+            failed.append(f"top-1 agreement of the free-running graph {self.top1_free_running:.1%} < 100%")
         for block, stats in self.blocks.items():
             wrong = stats["compared"] - stats["order_equal"] - stats["near_tie"]
             if wrong:
@@ -116,14 +105,14 @@ class ParityReport:
         return not self.failures
 
     def table(self) -> str:
+        c = self.logits
         if self.precision == "fp32":
-            rows = [("logits max |Δ|", f"{self.max_abs_diff:.3g} (≤ {self.tolerance:.3g})",
-                     self.max_abs_diff <= self.tolerance),
-                    ("top-1 agreement (free)", f"{self.top1_free:.1%}", self.top1_free == 1.0)]
+            rows = [("logits max |Δ|", f"{c.max_abs_diff:.3g} (≤ {c.tolerance:.3g})", c.logits_close),
+                    ("top-1 agreement (free)", f"{self.top1_free_running:.1%}", self.top1_free_running == 1.0)]
         else:
-            rows = [("logits min cosine", f"{self.min_cosine:.5f} (≥ {HALF_COSINE})", self.min_cosine >= HALF_COSINE),
-                    ("top-1 agreement (free)", f"{self.top1_free:.1%} (reported)", True)]
-        rows.append(("top-1 agreement", f"{self.top1_agreement:.1%}", self.top1_agreement == 1.0))
+            rows = [("logits min cosine", f"{c.min_cosine:.5f} (≥ {HALF_COSINE})", c.logits_close),
+                    ("top-1 agreement (free)", f"{self.top1_free_running:.1%} (reported)", True)]
+        rows.append(("top-1 agreement", f"{c.top1_agreement:.1%}", c.top1_agreement == 1.0))
         for block, s in self.blocks.items():
             rows.append((f"block {block} kept tokens", f"exact {s['order_equal']}/{s['compared']}, near-tie "
                          f"{s['near_tie']}, same set {s['set_equal']}", s["order_equal"] + s["near_tie"] == s["compared"]))
@@ -136,25 +125,10 @@ class ParityReport:
 
     def as_dict(self) -> dict:
         return {"passed": self.passed, "failures": self.failures, "precision": self.precision,
-                "image_runs": self.images, "batch_sizes": self.batch_sizes, "tolerance": self.tolerance,
-                "max_abs_diff": self.max_abs_diff, "min_cosine": self.min_cosine,
-                "top1_agreement": self.top1_agreement, "top1_free_running": self.top1_free, "blocks": self.blocks,
+                "image_runs": self.image_runs, "batch_sizes": self.batch_sizes, "logits": self.logits.as_dict(),
+                "top1_free_running": self.top1_free_running, "blocks": self.blocks,
                 "near_ties": [dict(zip(("image", "batch", "block", "score_gap"), t)) for t in self.near_ties],
-                "eager_seconds": self.eager_seconds, "onnxruntime_seconds": self.onnx_seconds}
-
-
-def _providers() -> list[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
-
-
-def onnx_session(path: Path, providers: list[str] | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+                "eager_seconds": self.eager_seconds, "onnxruntime_seconds": self.onnxruntime_seconds}
 
 
 def near_tie_gap(state, keys: torch.Tensor, eager_keep: np.ndarray, other_keep: np.ndarray) -> float | None:
@@ -172,18 +146,20 @@ def near_tie_gap(state, keys: torch.Tensor, eager_keep: np.ndarray, other_keep: 
 
 
 def _sessions(onnx_path: Path, precision: str):
-    forced_path = onnx_path.with_name(f".forced-{onnx_path.name}")
+    audit_path = onnx_path.with_name(f".audit-{onnx_path.name}")
     try:
-        blocks = write_forced_model(onnx_path, forced_path)
-        return onnx_session(onnx_path), onnx_session(forced_path), blocks
-    except Exception as err:
+        blocks = write_audit_model(onnx_path, audit_path)
+        return ort_session(onnx_path), ort_session(audit_path), blocks
+    except BackendError as err:
         if "NOT_IMPLEMENTED" not in str(err):
             raise
-        raise SaintError(f"ONNX Runtime ({', '.join(_providers())}) has no kernel for part of this {precision} "
-                         f"graph ({str(err).split(':')[-1].strip()}), so the parity gate cannot run here; use "
-                         "onnxruntime-gpu on a GPU, or --no-verify to export unverified") from None
+        import onnxruntime as ort
+
+        raise InputError(f"ONNX Runtime ({', '.join(ort.get_available_providers())}) has no kernel for part of this "
+                         f"{precision} graph ({str(err).split(':')[-1].strip()}), so the parity gate cannot run "
+                         "here; use onnxruntime-gpu on a GPU, or export without verification") from None
     finally:
-        forced_path.unlink(missing_ok=True)
+        audit_path.unlink(missing_ok=True)
 
 
 def check_onnx_parity(model: torch.nn.Module, onnx_path: Path, inputs: torch.Tensor,
@@ -191,24 +167,24 @@ def check_onnx_parity(model: torch.nn.Module, onnx_path: Path, inputs: torch.Ten
     """Run `inputs` through eager `model` and ONNX Runtime at each batch size and compare.
 
     Teacher-forced (the gate's core): ONNX Runtime runs every block on eager's kept tokens, and
-    each block's own selection must equal eager's in set and order, except where eager scores the swapped tokens
-    within NEAR_TIE (relative) of each other: float noise in the block's input decides those, and
-    they are reported as near-ties. Logits must agree (fp32: 1e-4 · scale; fp16/bf16: cosine
-    ≥ 0.999) with the same top-1. Free-running, the deployed graph must keep eager's top-1 (fp32).
+    each block's own selection must equal eager's in set and order, except where eager scores the
+    swapped tokens within NEAR_TIE (relative) of each other: float noise in the block's input
+    decides those, and they are reported as near-ties. Logits must agree (parity.compare_logits).
+    Free-running, the deployed graph must keep eager's top-1 (fp32). `progress(done, total)` is
+    called after every batch.
     """
-    free, forced, block_names = _sessions(onnx_path, precision)
+    free, audit, block_names = _sessions(onnx_path, precision)
     state = getattr(model, "saint", None)
     blocks = state.schedule.pruning_blocks if state else []
     if len(blocks) != len(block_names):
-        raise RuntimeError(f"the ONNX graph has {len(block_names)} SimilarityTopK nodes for {len(blocks)} "
+        raise BackendError(f"the ONNX graph has {len(block_names)} SimilarityTopK nodes for {len(blocks)} "
                            "pruning blocks")
-    logits_name = free.get_outputs()[0].name
-    output_names = [logits_name] + [name for _, own, votes in block_names for name in (own, votes)]
+    adapter = find_adapter(model)
+    output_names = [adapter.OUTPUT_NAME] + [name for _, own, votes in block_names for name in (own, votes)]
     report = ParityReport(list(batch_sizes), precision)
-    near_tie = NEAR_TIE[precision]
     report.blocks = {b: {"compared": 0, "set_equal": 0, "order_equal": 0, "near_tie": 0, "votes_equal": 0}
                      for b in blocks}
-    scale, agree, agree_free = 1.0, 0, 0
+    eager_logits, audit_logits, agree_free = [], [], 0
     for bs in batch_sizes:
         for start in range(0, len(inputs), bs):
             x = inputs[start:start + bs]
@@ -216,92 +192,70 @@ def check_onnx_parity(model: torch.nn.Module, onnx_path: Path, inputs: torch.Ten
             with torch.no_grad(), (record_kept(model) if blocks else contextlib.nullcontext()) as trace:
                 eager = model(x).float().numpy()
             t1 = time.perf_counter()
-            feed = {INPUT_NAME: x.numpy()}
-            feed.update({forced_name: keep.numpy() for (forced_name, _, _), (_, keep, _, _) in
-                         zip(block_names, trace or [])})
-            outputs = forced.run(output_names, feed)
+            feed = {adapter.INPUT_NAME: x.numpy()}
+            feed.update({forced: kept.keep_index.numpy() for (forced, _, _), kept in zip(block_names, trace or [])})
+            outputs = audit.run(output_names, feed)
             report.eager_seconds += t1 - t0
-            report.onnx_seconds += time.perf_counter() - t1
+            report.onnxruntime_seconds += time.perf_counter() - t1
             if bs == max(batch_sizes) and report.golden is None:
                 report.golden = (x, eager)
-            agree_free += int((free.run([logits_name], {INPUT_NAME: x.numpy()})[0].argmax(-1)
-                               == eager.argmax(-1)).sum())
-            for i, (block, keep, votes, keys) in enumerate(trace or []):
-                own, own_votes, keep = outputs[1 + 2 * i], outputs[2 + 2 * i], keep.numpy()
-                stats = report.blocks[block]
+            free_logits = free.run([adapter.OUTPUT_NAME], {adapter.INPUT_NAME: x.numpy()})[0]
+            agree_free += int((free_logits.argmax(-1) == eager.argmax(-1)).sum())
+            for i, kept in enumerate(trace or []):
+                own, own_votes, keep = outputs[1 + 2 * i], outputs[2 + 2 * i], kept.keep_index.numpy()
+                stats = report.blocks[kept.block]
                 for b in range(len(x)):
                     stats["compared"] += 1
-                    stats["votes_equal"] += int(own_votes[b] == votes[b])
+                    stats["votes_equal"] += int(own_votes[b] == kept.vote_rows[b])
                     stats["set_equal"] += int((np.sort(own[b]) == np.sort(keep[b])).all())
                     if (own[b] == keep[b]).all():
                         stats["order_equal"] += 1
                         continue
-                    gap = near_tie_gap(state, keys[b], keep[b], own[b])
-                    if gap is not None and gap <= near_tie:  # order or set: decided by float noise
+                    gap = near_tie_gap(state, kept.keys[b], keep[b], own[b])
+                    if gap is not None and gap <= NEAR_TIE[precision]:  # order or set: decided by float noise
                         stats["near_tie"] += 1
-                        report.near_ties.append((start + b, bs, block, gap))
-            ours = outputs[0]
-            scale = max(scale, float(np.abs(eager).max()))
-            report.max_abs_diff = max(report.max_abs_diff, float(np.abs(ours - eager).max()))
-            report.min_cosine = min(report.min_cosine, float(_cosine(ours, eager).min()))
-            agree += int((ours.argmax(-1) == eager.argmax(-1)).sum())
-            report.images += len(x)
+                        report.near_ties.append((start + b, bs, kept.block, gap))
+            eager_logits.append(eager)
+            audit_logits.append(outputs[0])
+            report.image_runs += len(x)
             if progress:
-                progress(report.images, len(inputs) * len(batch_sizes))
-    report.tolerance = FP32_TOLERANCE * scale
-    report.top1_agreement = agree / max(report.images, 1)
-    report.top1_free = agree_free / max(report.images, 1)
+                progress(report.image_runs, len(inputs) * len(batch_sizes))
+    report.logits = compare_logits(audit_logits, eager_logits, precision)
+    report.top1_free_running = agree_free / max(report.image_runs, 1)
     return report
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
 
 
 GOLDEN_INPUTS = "golden_inputs.json"
 GOLDEN_OUTPUTS = "golden_outputs.json"
+GOLDEN_RUNNER = "eager-pytorch"
 
 
-def save_goldens(inputs: torch.Tensor, logits: np.ndarray, folder: Path) -> list[Path]:
+def save_goldens(inputs: torch.Tensor, logits: np.ndarray, folder: Path, input_name: str,
+                 output_name: str) -> list[Path]:
     """Eager inputs and outputs as Polygraphy JSON, so that
     `polygraphy run model.onnx --trt --load-inputs golden_inputs.json --load-outputs golden_outputs.json`
-    repeats the check anywhere."""
+    repeats the check anywhere, and `runtime` replays them (tests/test_runtime.py)."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import save_json
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
-    feed = {INPUT_NAME: inputs.numpy()}
-    save_json([feed], folder / GOLDEN_INPUTS, description="golden inputs")
-    results = RunResults()
-    results.add([IterationResult({"logits": logits}, runner_name="eager-pytorch")], runner_name="eager-pytorch")
-    results.save(str(folder / GOLDEN_OUTPUTS))
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):  # Polygraphy narrates file I/O on stdout
+        save_json([{input_name: inputs.numpy()}], folder / GOLDEN_INPUTS, description="golden inputs")
+        results = RunResults()
+        results.add([IterationResult({output_name: logits}, runner_name=GOLDEN_RUNNER)], runner_name=GOLDEN_RUNNER)
+        results.save(str(folder / GOLDEN_OUTPUTS))
     return [folder / GOLDEN_INPUTS, folder / GOLDEN_OUTPUTS]
 
 
-def check_engine_parity(folder: Path, plan: Path, precision: str = "fp32") -> dict:
-    """A TensorRT engine against the eager goldens (logits tolerance and top-1; DESIGN §6).
-    Needs TensorRT, Polygraphy and a GPU; the plugin library must already be loaded."""
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+def load_goldens(folder: Path, input_name: str, output_name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(inputs, eager logits) as saved by `save_goldens`."""
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
+    from polygraphy.logger import G_LOGGER
 
-    feeds = load_json(folder / GOLDEN_INPUTS)
-    expected = RunResults.load(str(folder / GOLDEN_OUTPUTS))[0][1]
-    worst, top1, total, scale, cosine = 0.0, 0, 0, 1.0, 1.0
-    with TrtRunner(EngineFromBytes(plan.read_bytes())) as runner:
-        for feed, golden in zip(feeds, expected):
-            got = np.asarray(runner.infer(feed)["logits"], dtype=np.float32)
-            want = np.asarray(golden["logits"], dtype=np.float32)
-            worst = max(worst, float(np.abs(got - want).max()))
-            scale = max(scale, float(np.abs(want).max()))
-            cosine = min(cosine, float(_cosine(got, want).min()))
-            top1 += int((got.argmax(-1) == want.argmax(-1)).sum())
-            total += len(want)
-    tolerance = FP32_TOLERANCE * scale
-    close = worst <= tolerance if precision == "fp32" else cosine >= HALF_COSINE
-    passed = close and top1 == total
-    return {"status": "passed" if passed else "failed", "max_abs_diff": worst, "tolerance": tolerance,
-            "min_cosine": cosine, "top1_agreement": top1 / max(total, 1)}
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        feeds = load_json(Path(folder) / GOLDEN_INPUTS)
+        expected = RunResults.load(str(Path(folder) / GOLDEN_OUTPUTS))[0][1]
+    return ([np.asarray(feed[input_name], dtype=np.float32) for feed in feeds],
+            [np.asarray(result[output_name], dtype=np.float32) for result in expected])

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 import saint_export as se
+import saint_export.runtime as rt
 from saint_export import models
-from saint_export.export import export_onnx
-from saint_export.validate import onnx_session
 
 
 def time_call(fn, repeats: int) -> list[float]:
@@ -46,7 +45,7 @@ def selection_share(path: Path, x, runs: int = 3) -> tuple[float, float]:
     options.profile_file_prefix = str(path.with_suffix(""))
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     for _ in range(runs):
-        session.run(None, {"pixel_values": x})
+        session.run(None, x)
     events = json.loads(Path(session.end_profiling()).read_text())
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     total = sum(e["dur"] for e in nodes) or 1
@@ -66,23 +65,29 @@ def main() -> None:
     args = p.parse_args()
 
     arch = models.architecture(args.model)
-    x = torch.randn(args.batch, 3, arch.img_size, arch.img_size)
+    size = arch.info.img_size
+    x = torch.randn(args.batch, 3, size, size)
     configs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.schedules.split(","):
-            model = se.apply(models.load(arch, "random"), spec)
-            path = Path(tmp) / f"{spec}.onnx"
-            export_onnx(model, path, (3, arch.img_size, arch.img_size))
-            configs[spec] = {"model": model, "session": onnx_session(path), "path": path,
-                             "flops_ratio": model.saint.schedule.flops_ratio(), "eager": [], "onnxruntime": []}
-        feed = {"pixel_values": x.numpy()}
+            # The exported folder, through the library; timing needs no gate, so the folder is unverified.
+            folder = Path(tmp) / spec
+            result = se.export(args.model, folder, weights="random",
+                               config=se.ExportConfig(keep_schedule=spec, target="onnx", verify=False,
+                                                      batch=args.batch))
+            runner = rt.open(folder, "onnxruntime-cpu", allow_unverified=True)
+            configs[spec] = {"model": se.apply(models.load(arch, "random"), spec), "runner": runner,
+                             "path": folder / result.manifest.onnx["file"],
+                             "flops_ratio": result.schedule.flops_ratio(), "eager": [], "onnxruntime": []}
+        pixels = x.numpy()
         for _ in range(args.repeats):  # rounds interleave the schedules
             for c in configs.values():
                 with torch.no_grad():
                     c["eager"] += time_call(lambda: c["model"](x), 1)
-                c["onnxruntime"] += time_call(lambda: c["session"].run(None, feed), 1)
+                c["onnxruntime"] += time_call(lambda: c["runner"].infer(pixels), 1)
+        feed = {result.manifest.input.name: pixels}
         for spec, c in configs.items():
-            c["selection_share"], c["gather_share"] = selection_share(c["path"], feed["pixel_values"])
+            c["selection_share"], c["gather_share"] = selection_share(c["path"], feed)
 
     base = configs[args.schedules.split(",")[0]]
     rows = []
@@ -98,7 +103,7 @@ def main() -> None:
         rows.append(row)
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"{args.model} ({arch.timm_name}), batch {args.batch}, medians of {args.repeats} rounds; {machine}")
+    print(f"{args.model} ({arch.source_name}), batch {args.batch}, medians of {args.repeats} rounds; {machine}")
     print(f"| schedule | FLOPs ratio | ideal speed-up | eager img/s | eager speed-up | ORT img/s | "
           f"ORT speed-up | ORT speed-up / ideal | selection operator share (ORT) | token gather share (ORT) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -18,7 +18,7 @@ VARIANTS = [
 def _dynamic_trace(model, x, **hp):
     with torch.no_grad(), se.record_kept(model) as trace:
         logits = model(x)
-    return logits, [(block, None if keep is None else keep.numpy()) for block, keep, *_ in trace]
+    return logits, [(kept.block, None if kept.keep_index is None else kept.keep_index.numpy()) for kept in trace]
 
 
 @pytest.mark.parametrize("name,kwargs", VARIANTS, ids=[f"{n}{'+' + ','.join(k) if k else ''}" for n, k in VARIANTS])

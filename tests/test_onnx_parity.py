@@ -7,8 +7,9 @@ import torch
 from conftest import make_model
 
 import saint_export as se
-from saint_export import ops
-from saint_export.export import export_onnx, saint_nodes
+from saint_export import spec
+from saint_export.onnx_export import export_onnx
+from saint_export.onnx_graph import saint_nodes
 from saint_export.validate import check_onnx_parity
 
 FORMS = ["none", "early50", "early40@2", "r:30,10,0,5", "calib"]
@@ -26,15 +27,15 @@ def test_onnx_runtime_matches_eager(tmp_path, images160, name, form):
     export_onnx(model, path, (3, 160, 160))
     report = check_onnx_parity(model, path, images160, batch_sizes=(1, 3))
     assert report.passed, report.table()
-    assert report.images == 2 * len(images160)
-    assert report.top1_agreement == 1.0
-    assert report.max_abs_diff <= report.tolerance
+    assert report.image_runs == 2 * len(images160)
+    assert report.logits.top1_agreement == 1.0 and report.logits.images == report.image_runs
+    assert report.logits.max_abs_diff <= report.logits.tolerance
     pruning = model.saint.schedule.pruning_blocks
     assert list(report.blocks) == pruning
     # these inputs give no numerical near-tie: every block agrees exactly, in order, on every run
     assert report.near_ties == [], report.table()
     for stats in report.blocks.values():
-        assert stats["set_equal"] == stats["order_equal"] == stats["votes_equal"] == stats["compared"] == report.images
+        assert stats["set_equal"] == stats["order_equal"] == stats["votes_equal"] == stats["compared"] == report.image_runs
 
 
 def test_exported_graph_carries_the_operator(tmp_path):
@@ -48,7 +49,8 @@ def test_exported_graph_carries_the_operator(tmp_path):
     assert attrs["drop"] == 17 and attrs["num_protected"] == 1 and attrs["vote_k"] == 3
     assert attrs["tau"] == pytest.approx(0.6) and attrs["gamma"] == pytest.approx(7.5)
     assert attrs["plugin_namespace"] == b"saint" and attrs["plugin_version"] == b"1"
-    assert [(f.domain, f.name) for f in graph.functions] == [(ops.DOMAIN, ops.OP_TYPE)]
+    assert set(attrs) == {a.name for a in spec.ATTRIBUTES} | set(spec.PLUGIN_ATTRIBUTES)
+    assert [(f.domain, f.name) for f in graph.functions] == [(spec.DOMAIN, spec.OP_TYPE)]
     assert {o.domain: o.version for o in graph.opset_import}[""] >= 18
     batch = graph.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch.dim_param  # dynamic batch axis
@@ -137,5 +139,5 @@ def test_preparsed_schedule_takes_the_models_protected_tokens():
     assert model.saint.schedule.num_protected == 2
     with torch.no_grad(), se.record_kept(model) as trace:
         model(torch.randn(1, 3, 160, 160))
-    keep = trace[0][1][0]
+    keep = trace[0].keep_index[0]
     assert keep[:2].tolist() == [0, 1] and (keep[2:42] % 2 == 0).all()  # A tokens of patches start at 2

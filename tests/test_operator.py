@@ -4,26 +4,25 @@ import onnx
 import pytest
 import torch
 
-import saint_export as se  # noqa: F401
-from saint_export import core, ops
-from saint_export.validate import onnx_session
+from saint_export import core, ops, spec
+from saint_export.runtime.runners import ort_session
 
 
 def _operator_model(num_tokens, num_protected, drop, tau, vote_k, gamma, path):
     """A one-node ONNX model: keys → saint::SimilarityTopK, plus the model-local function."""
-    node = onnx.helper.make_node(ops.OP_TYPE, ["keys"], ["keep_index", "vote_rows"], domain=ops.DOMAIN,
+    node = onnx.helper.make_node(spec.OP_TYPE, ["keys"], ["keep_index", "vote_rows"], domain=spec.DOMAIN,
                                  num_protected=num_protected, drop=drop, tau=tau, vote_k=vote_k, gamma=gamma,
-                                 plugin_namespace=ops.DOMAIN, plugin_version=ops.PLUGIN_VERSION)
+                                 **spec.PLUGIN_ATTRIBUTES)
     graph = onnx.helper.make_graph(
         [node], "op", [onnx.helper.make_tensor_value_info("keys", onnx.TensorProto.FLOAT, ["B", num_tokens, "d"])],
         [onnx.helper.make_tensor_value_info("keep_index", onnx.TensorProto.INT64, ["B", num_tokens - drop]),
          onnx.helper.make_tensor_value_info("vote_rows", onnx.TensorProto.INT64, ["B"])])
     model = onnx.helper.make_model(graph, functions=[ops.function_proto()], ir_version=10,
                                    opset_imports=[onnx.helper.make_opsetid("", 18),
-                                                  onnx.helper.make_opsetid(ops.DOMAIN, 1)])
+                                                  onnx.helper.make_opsetid(spec.DOMAIN, spec.DOMAIN_VERSION)])
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, path)
-    return onnx_session(path)
+    return ort_session(path)
 
 
 def _keys(rng, batch, n, d, ties):

@@ -9,8 +9,9 @@ import pytest
 from conftest import make_model
 
 import saint_export as se
-from saint_export import ops
-from saint_export.export import export_onnx, saint_nodes
+from saint_export import spec
+from saint_export.onnx_export import export_onnx
+from saint_export.onnx_graph import saint_nodes
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None,
                                 reason="building the plugin needs the CUDA toolkit (nvcc) and CMake")
@@ -39,7 +40,13 @@ def test_creator_matches_the_exported_node(library, tmp_path):
     report = json.loads(subprocess.run([str(probe), str(library)], capture_output=True, text=True,
                                        check=True).stdout)
     assert report["creators"] == 1 and report["interface"] == "PLUGIN CREATOR_V3ONE"
-    assert (report["name"], report["version"], report["namespace"]) == (ops.OP_TYPE, ops.PLUGIN_VERSION, ops.DOMAIN)
+    assert (report["name"], report["version"], report["namespace"]) == (spec.OP_TYPE, spec.PLUGIN_VERSION,
+                                                                         spec.DOMAIN)
+    # the creator's fields are the contract's attributes, with the contract's types, all required
+    plugin_types = {"int": "int32", "float": "float32"}
+    assert report["fields"] == {a.name: plugin_types[a.type] for a in spec.ATTRIBUTES}
+    assert report["rejects_missing"] == {a.name: True for a in spec.ATTRIBUTES}
+    assert report["topk_limit"] == spec.TOPK_LIMIT
 
     model = se.apply(make_model("test_vit"), "early50")
     export_onnx(model, tmp_path / "m.onnx", (3, 160, 160))
@@ -47,7 +54,7 @@ def test_creator_matches_the_exported_node(library, tmp_path):
     attrs = {a.name: a.type for a in node.attribute}
     onnx_types = {onnx.AttributeProto.INT: "int32", onnx.AttributeProto.FLOAT: "float32"}  # parser narrows INT
     assert report["fields"] == {name: onnx_types[attrs[name]] for name in report["fields"]}
-    assert set(attrs) - set(report["fields"]) == {"plugin_namespace", "plugin_version"}
+    assert set(attrs) - set(report["fields"]) == set(spec.PLUGIN_ATTRIBUTES)
     assert (node.op_type, node.domain) == (report["name"], report["namespace"])
 
     assert report["created"] and report["rejects_vote_k_0"]
@@ -65,3 +72,4 @@ def test_build_is_cached(library):
 
     before = library.stat().st_mtime_ns
     assert plugin.build() == library and library.stat().st_mtime_ns == before
+

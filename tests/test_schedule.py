@@ -18,13 +18,13 @@ def test_early50_vit_b16_recursion():
 
 def test_none_r_and_table():
     assert KeepSchedule.parse("none", 12, 196).drops == (0,) * 12
-    s = KeepSchedule.parse("r:48,23,12", 12, 196)
+    s = KeepSchedule.parse("r:48,23,12", 12, 196, embed_dim=768, mlp_ratio=4.0)
     assert s.drops[:4] == (48, 23, 12, 0) and s.pruning_blocks == [0, 1, 2]
     table = s.table()
     assert "  0        197       48         149" in table
     assert "FLOPs ratio" in table
     assert 0 < s.flops_ratio() < 1
-    assert KeepSchedule.parse("none", 12, 196).flops_ratio() == 1.0
+    assert KeepSchedule.parse("none", 12, 196, embed_dim=768, mlp_ratio=4.0).flops_ratio() == 1.0
 
 
 def test_dynamic_has_no_static_drops():

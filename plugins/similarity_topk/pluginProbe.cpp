@@ -2,6 +2,7 @@
 // getCreators) and check its creator and plugin contract on the CPU. Prints one JSON object.
 // Needs no TensorRT libraries and no GPU; enqueue is exercised by tests/gpu instead.
 #include "NvInferRuntime.h"
+#include "similarityTopKPlugin.h"
 
 #include <cstdio>
 #include <cstring>
@@ -91,7 +92,33 @@ int main(int argc, char** argv)
     IPluginV3* plugin = creator->createPlugin("probe", &fc, TensorRTPhase::kBUILD);
     fields[3].data = &badVoteK;
     IPluginV3* invalid = creator->createPlugin("probe", &fc, TensorRTPhase::kBUILD);
+    fields[3].data = &voteK;
     std::printf(", \"created\": %s, \"rejects_vote_k_0\": %s", plugin ? "true" : "false", invalid ? "false" : "true");
+    // Each field left out in turn, then each with the other type: every such node must be refused.
+    std::printf(", \"rejects_missing\": {");
+    for (size_t skip = 0; skip < fields.size(); ++skip)
+    {
+        std::vector<PluginField> partial;
+        for (size_t i = 0; i < fields.size(); ++i)
+        {
+            if (i != skip)
+            {
+                partial.push_back(fields[i]);
+            }
+        }
+        PluginFieldCollection missing{static_cast<int32_t>(partial.size()), partial.data()};
+        std::vector<PluginField> retyped = partial;
+        retyped.push_back(fields[skip]);
+        retyped.back().type = fields[skip].type == PluginFieldType::kINT32 ? PluginFieldType::kFLOAT32 : PluginFieldType::kINT32;
+        PluginFieldCollection wrongType{static_cast<int32_t>(retyped.size()), retyped.data()};
+        IPluginV3* withoutField = creator->createPlugin("probe", &missing, TensorRTPhase::kBUILD);
+        IPluginV3* withWrongType = creator->createPlugin("probe", &wrongType, TensorRTPhase::kBUILD);
+        std::printf("%s\"%s\": %s", skip ? ", " : "", fields[skip].name,
+            withoutField == nullptr && withWrongType == nullptr ? "true" : "false");
+        delete withoutField;
+        delete withWrongType;
+    }
+    std::printf("}, \"topk_limit\": %d", saint::kTopKLimit);
     if (plugin == nullptr)
     {
         std::printf("}\n");

@@ -1,4 +1,4 @@
-// saint::SimilarityTopK CUDA kernel (DESIGN §4): one thread block per image.
+// saint::SimilarityTopK CUDA kernel (docs/operator.md): one thread block per image.
 #pragma once
 
 #include <cstddef>

@@ -22,7 +22,7 @@ KeyType toKeyType(DataType type)
     return type == DataType::kHALF ? KeyType::kFLOAT16 : type == DataType::kBF16 ? KeyType::kBFLOAT16 : KeyType::kFLOAT32;
 }
 
-//! The attribute contract of DESIGN §4, checked once for every way a plugin is made.
+//! The attribute contract of docs/operator.md, checked once for every way a plugin is made.
 bool validParams(SimilarityTopKParams const& p)
 {
     if (p.numProtected < 0 || p.drop < 0 || p.voteK < 1)
@@ -204,36 +204,39 @@ SimilarityTopKCreator::SimilarityTopKCreator()
 
 IPluginV3* SimilarityTopKCreator::createPlugin(char const*, PluginFieldCollection const* fc, TensorRTPhase) noexcept
 {
-    // Defaults are SAINT's (num_protected 1, no drop, tau 0.75, K 5, gamma 10); the exporter writes every field.
-    SimilarityTopKParams params{1, 0, 0.75F, 5, 10.0F};
+    // Every field is required (saint_export/spec.py: ATTRIBUTES): a silently defaulted `drop` would
+    // build an engine that prunes nothing, so a node that lacks one, or carries a mistyped one, is refused.
+    SimilarityTopKParams params{};
+    struct Required
+    {
+        char const* name;
+        PluginFieldType type;
+        void* target;
+        bool seen;
+    };
+    Required required[] = {{"num_protected", PluginFieldType::kINT32, &params.numProtected, false},
+        {"drop", PluginFieldType::kINT32, &params.drop, false}, {"tau", PluginFieldType::kFLOAT32, &params.tau, false},
+        {"vote_k", PluginFieldType::kINT32, &params.voteK, false},
+        {"gamma", PluginFieldType::kFLOAT32, &params.gamma, false}};
     for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i)
     {
         PluginField const& f = fc->fields[i];
-        if (f.data == nullptr || f.length < 1)
+        for (Required& r : required)
         {
-            continue;
+            if (f.name != nullptr && std::strcmp(f.name, r.name) == 0 && f.type == r.type && f.data != nullptr && f.length >= 1)
+            {
+                std::memcpy(r.target, f.data, 4); // int32 and float32 alike
+                r.seen = true;
+            }
         }
-        bool const isInt = f.type == PluginFieldType::kINT32;
-        bool const isFloat = f.type == PluginFieldType::kFLOAT32;
-        if (isInt && std::strcmp(f.name, "num_protected") == 0)
+    }
+    for (Required const& r : required)
+    {
+        if (!r.seen)
         {
-            params.numProtected = *static_cast<int32_t const*>(f.data);
-        }
-        else if (isInt && std::strcmp(f.name, "drop") == 0)
-        {
-            params.drop = *static_cast<int32_t const*>(f.data);
-        }
-        else if (isInt && std::strcmp(f.name, "vote_k") == 0)
-        {
-            params.voteK = *static_cast<int32_t const*>(f.data);
-        }
-        else if (isFloat && std::strcmp(f.name, "tau") == 0)
-        {
-            params.tau = *static_cast<float const*>(f.data);
-        }
-        else if (isFloat && std::strcmp(f.name, "gamma") == 0)
-        {
-            params.gamma = *static_cast<float const*>(f.data);
+            logError(std::string("SimilarityTopK: the node lacks the required ")
+                + (r.type == PluginFieldType::kINT32 ? "int32" : "float32") + " attribute '" + r.name + "'");
+            return nullptr;
         }
     }
     if (!validParams(params))

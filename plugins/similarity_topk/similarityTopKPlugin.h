@@ -1,4 +1,4 @@
-// TensorRT IPluginV3 for saint::SimilarityTopK (DESIGN §4): name "SimilarityTopK", version "1",
+// TensorRT IPluginV3 for saint::SimilarityTopK (docs/operator.md): name "SimilarityTopK", version "1",
 // namespace "saint", fields num_protected, drop, vote_k (int32), tau, gamma (float32).
 #pragma once
 

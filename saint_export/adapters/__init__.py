@@ -1,11 +1,33 @@
-"""Framework adapters: each knows one model family's blocks and where its keys are."""
+"""Model-family adapters: everything that knows a model family lives behind this boundary.
+
+An adapter is a module (ToMe's pattern: one module per family, the same entry points) with:
+
+| entry point | what it does |
+| --- | --- |
+| `family` | the family's name, recorded in manifests |
+| `INPUT_NAME`, `OUTPUT_NAME` | the exported graph's input and output names |
+| `resolve_name(name)` | an alias or source name → the source name, or None if not this family's |
+| `known_names()` | names to suggest for a typo |
+| `create(source_name, pretrained, img_size)` | the model, on the current default device |
+| `load_checkpoint(model, path)` | a local checkpoint, strictly |
+| `matches(model)` | whether the module is of this family at all |
+| `describe(model)` | `ModelInfo`, or `InputError` for an unsupported variant of the family |
+| `patch(model, droppers)` | put `TokenDropper`s into the pruning blocks |
+| `low_precision_modules(model)` | the Linear layers that fp16 / bf16 lowers |
+| `preprocess(model)` | `images.Preprocess`: how an image becomes the model's input |
+| `label_names(model)` | the head's class names, or None |
+
+Nothing outside `adapters/` and `models.py` touches a model's attributes.
+"""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
-import torch
+from ..errors import InputError
 
-from ..errors import SaintError
+ADAPTERS = ("timm_vit",)  # modules of this package, asked in order
+SUPPORTED = ("timm VisionTransformer-family models (ViT, DeiT, DeiT-III, register and distilled variants)")
 
 
 @dataclass(frozen=True)
@@ -15,13 +37,21 @@ class ModelInfo:
     num_protected: int
     embed_dim: int
     mlp_ratio: float
+    img_size: int
+    patch_size: int
 
 
-def find_adapter(model: torch.nn.Module):
-    from . import timm_vit
+def adapters() -> list:
+    return [importlib.import_module(f"{__name__}.{name}") for name in ADAPTERS]
 
-    for adapter in (timm_vit,):
+
+def find_adapter(model):
+    """The adapter of `model`'s family, or one line saying what is supported."""
+    for adapter in adapters():
         if adapter.matches(model):
             return adapter
-    raise SaintError(f"unsupported model {type(model).__name__}: SAINT supports timm VisionTransformer-family "
-                     "models (ViT, DeiT, DeiT-III, register and distilled variants)")
+    raise unsupported(type(model).__name__)
+
+
+def unsupported(what: str) -> InputError:
+    return InputError(f"unsupported model {what}: SAINT supports {SUPPORTED}")

@@ -6,16 +6,87 @@ needs only the keys, which the block reads off the qkv projection.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..core import gather_tokens
-from ..errors import SaintError
-from . import ModelInfo
+from .._compat import import_torchvision
 
-name = "timm"
+import_torchvision()  # before timm, which imports torchvision
+
+import timm  # noqa: E402
+from timm.layers import Attention  # noqa: E402
+from timm.models.vision_transformer import Block, VisionTransformer  # noqa: E402
+
+from ..core import gather_tokens  # noqa: E402
+from ..errors import InputError  # noqa: E402
+from ..images import Preprocess  # noqa: E402
+from . import ModelInfo, unsupported  # noqa: E402
+
+family = "timm"
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+
+# Short names → pinned timm names (with their weight tags) that have ImageNet-1k heads.
+ALIASES = {
+    "vit_s16": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_b16": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "vit_l16": "vit_large_patch16_224.augreg_in21k_ft_in1k",
+    "vit_h14": "deit3_huge_patch14_224.fb_in22k_ft_in1k",
+    "deit_s16": "deit_small_patch16_224.fb_in1k",
+    "deit_b16": "deit_base_patch16_224.fb_in1k",
+    "deit_b16_distilled": "deit_base_distilled_patch16_224.fb_in1k",
+    "deit3_s16": "deit3_small_patch16_224.fb_in22k_ft_in1k",
+    "deit3_b16": "deit3_base_patch16_224.fb_in22k_ft_in1k",
+    "deit3_l16": "deit3_large_patch16_224.fb_in22k_ft_in1k",
+    "deit3_b16_384": "deit3_base_patch16_384.fb_in22k_ft_in1k",
+}
+
+
+def resolve_name(name: str) -> str | None:
+    timm_name = ALIASES.get(name, name)
+    return timm_name if timm.is_model(timm_name.split(".")[0]) else None
+
+
+def known_names() -> list[str]:
+    return list(ALIASES) + timm.list_models("*vit*") + timm.list_models("deit*")
+
+
+def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn.Module:
+    kwargs = {} if img_size is None else {"img_size": img_size}
+    return timm.create_model(source_name, pretrained=pretrained, **kwargs)
+
+
+def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """Load a timm-format state dict (.safetensors, .pth/.pt/.bin) strictly into `model`."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch and safetensors raise many types for a bad file
+        raise InputError(f"checkpoint file {str(path)!r} is not readable: {str(err).splitlines()[0]}") from None
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"checkpoint file {str(path)!r} does not hold a state dict of tensors")
+    state = timm.models.clean_state_dict(state)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception as err:
+            raise InputError(f"checkpoint file {str(path)!r} does not fit {type(model).__name__}: {err}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise InputError(f"checkpoint file {str(path)!r} does not match the model: {detail[:300]}") from None
 
 
 def matches(model: torch.nn.Module) -> bool:
@@ -25,12 +96,15 @@ def matches(model: torch.nn.Module) -> bool:
 def describe(model: VisionTransformer) -> ModelInfo:
     for i, block in enumerate(model.blocks):
         if type(block) not in (Block, SaintBlock) or type(block.attn) is not Attention:
-            raise SaintError(f"unsupported timm block {i}: {type(block).__name__} with "
-                             f"{type(block.attn).__name__}; SAINT supports pre-norm Block + Attention")
-    first = model.blocks[0]
+            raise unsupported(f"{type(model).__name__} (timm block {i} is {type(block).__name__} with "
+                              f"{type(block.attn).__name__}, not the pre-norm Block with Attention)")
+    height, width = model.patch_embed.img_size
+    if height != width:
+        raise unsupported(f"{type(model).__name__} with a non-square input {height}x{width}")
     return ModelInfo(depth=len(model.blocks), num_patches=model.patch_embed.num_patches,
                      num_protected=model.num_prefix_tokens, embed_dim=model.embed_dim,
-                     mlp_ratio=first.mlp.fc1.out_features / model.embed_dim)
+                     mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim, img_size=height,
+                     patch_size=model.patch_embed.patch_size[0])
 
 
 def patch(model: VisionTransformer, droppers: dict) -> None:
@@ -40,12 +114,44 @@ def patch(model: VisionTransformer, droppers: dict) -> None:
         block.saint_dropper = dropper
 
 
+def low_precision_modules(model: VisionTransformer) -> list[torch.nn.Linear]:
+    """The blocks' Linear layers (qkv, proj, MLP): ~95% of a ViT's FLOPs. Patch embedding, norms
+    and head stay fp32."""
+    return [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def preprocess(model: VisionTransformer) -> Preprocess:
+    """timm's eval transform for this model (resolve_data_config), as numbers."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    if config.get("crop_mode", "center") != "center":
+        raise InputError(f"{type(model).__name__}: crop mode {config['crop_mode']!r} is not supported "
+                         "(only centre crops)")
+    size = describe(model).img_size
+    return Preprocess(size=size, mean=tuple(config["mean"]), std=tuple(config["std"]),
+                      crop_pct=float(config["crop_pct"]), interpolation=config["interpolation"])
+
+
+def label_names(model: VisionTransformer) -> list[str] | None:
+    """ImageNet-1k class descriptions when the head is an ImageNet-1k head, else None."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    if infer_imagenet_subset(model) != "imagenet-1k" or model.num_classes != 1000:
+        return None
+    info = ImageNetInfo("imagenet-1k")
+    return [info.index_to_description(i) for i in range(model.num_classes)]
+
+
 class SaintBlock(Block):
-    """Block whose MLP runs on the tokens SAINT keeps (selection after the attention residual)."""
+    """Block whose MLP runs on the tokens SAINT keeps (selection after the attention residual).
+
+    Modifications to timm's `Block.forward` (timm 1.0.x): the attention is `attention_with_keys`,
+    the selection runs between the attention residual and the MLP, and masks are refused."""
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         if attn_mask is not None or is_causal:
-            raise SaintError("SAINT pruning blocks do not support attention masks")
+            raise InputError("SAINT pruning blocks do not support attention masks")
         attended, keys = attention_with_keys(self.attn, self.norm1(x))
         x = x + self.drop_path1(self.ls1(attended))
         keep_index = self.saint_dropper(keys)
@@ -55,7 +161,7 @@ class SaintBlock(Block):
 
 
 def attention_with_keys(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm Attention.forward (fused path), also returning the keys averaged over heads.
+    """timm `Attention.forward` (fused path, timm 1.0.x), also returning the keys averaged over heads.
 
     The keys are taken before q/k-norm, as in the reference implementation.
     """

@@ -10,6 +10,7 @@ headers, so a changed source rebuilds and an unchanged one is instant.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 import shutil
 import subprocess
@@ -18,9 +19,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..errors import SaintError
+from ..errors import BackendError, InputError, SaintError
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "plugins" / "similarity_topk"
+# plugins/similarity_topk in the repository, installed as package data of saint_export.plugins.
+SOURCE_DIR = Path(str(importlib.resources.files("saint_export.plugins") / "similarity_topk"))
+SOURCE_SUFFIXES = (".cu", ".cpp", ".h", ".txt", ".map")  # what the build reads (CMakeLists.txt included)
 LIBRARY = "libsaint_similarity_topk.so"
 STATIC_LIBRARY = "libsaint_similarity_topk_static.so"
 PROBE = "plugin_probe"
@@ -52,7 +55,7 @@ def tensorrt_headers() -> Path:
                                      KERNEL_LENS], capture_output=True, text=True)
             wheels = list(Path(tmp).glob("*.whl"))
             if result.returncode or not wheels:
-                raise SaintError("TensorRT headers not found: set TensorRT_INCLUDE_DIR (or TENSORRT_ROOT), or allow "
+                raise BackendError("TensorRT headers not found: set TensorRT_INCLUDE_DIR (or TENSORRT_ROOT), or allow "
                                  f"pip to fetch {KERNEL_LENS} ({result.stderr.strip().splitlines()[-1:] or ''})")
             with zipfile.ZipFile(wheels[0]) as wheel:
                 members = [m for m in wheel.namelist() if m.startswith("kernel_lens/include/tensorrt/")]
@@ -63,14 +66,15 @@ def tensorrt_headers() -> Path:
 def build(headers: Path | None = None, verbose: bool = False) -> Path:
     """Build (or reuse) the plugin libraries; returns the path of the dynamic-loading library."""
     if not SOURCE_DIR.is_dir():
-        raise SaintError(f"plugin sources not found at {SOURCE_DIR}: install saint-export from its repository "
-                         "(pip install -e .) or pass --plugin-lib")
+        raise InputError(f"plugin sources not found at {SOURCE_DIR}: reinstall saint-export, or give a built "
+                         "plugin library")
     for tool in ("cmake", "nvcc"):
         if shutil.which(tool) is None:
-            raise SaintError(f"building the TensorRT plugin needs {tool} on PATH (CUDA toolkit and CMake)")
+            raise BackendError(f"building the TensorRT plugin needs {tool} on PATH (CUDA toolkit and CMake)")
     headers = headers or tensorrt_headers()
     digest = hashlib.sha256()
-    for path in sorted(SOURCE_DIR.iterdir()) + sorted(headers.glob("NvInfer*.h")):
+    sources = [p for p in sorted(SOURCE_DIR.iterdir()) if p.suffix in SOURCE_SUFFIXES]
+    for path in sources + sorted(headers.glob("NvInfer*.h")):
         if path.is_file():
             digest.update(path.name.encode() + path.read_bytes())
     out = cache_dir() / "plugins" / f"similarity_topk-{digest.hexdigest()[:16]}"
@@ -83,7 +87,7 @@ def build(headers: Path | None = None, verbose: bool = False) -> Path:
     for step in steps:
         result = subprocess.run(step, capture_output=not verbose, text=True)
         if result.returncode:
-            raise SaintError(f"plugin build failed in {' '.join(step[:2])}: "
+            raise BackendError(f"plugin build failed in {' '.join(step[:2])}: "
                              f"{(result.stderr or result.stdout or '').strip().splitlines()[-1:]}")
     staging = Path(tempfile.mkdtemp(prefix=out.name, dir=out.parent))
     for name in (LIBRARY, STATIC_LIBRARY, PROBE):

@@ -1,0 +1,1 @@
+"""TensorRT plugin sources (plugins/ in the repository), shipped with the package so installs can build them."""

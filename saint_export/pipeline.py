@@ -1,0 +1,345 @@
+"""The export pipeline as a library: model → SAINT → ONNX → parity gate → engine → one folder.
+
+    res = saint_export.export("vit_b16", "engines/vit_b16-early50", weights="random",
+                              config=saint_export.ExportConfig(keep_schedule="early50", target="onnx"))
+
+The folder is staged in a hidden sibling and renamed into place only when every step passed: a
+failed gate (`GateFailed`), a bad input (`InputError`), a backend failure (`BackendError`) or an
+interrupt leaves nothing behind. Progress goes to an optional `progress` object (see `Progress`);
+the library itself prints nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import artifacts, spec
+from .adapters import find_adapter
+from .config import ExportConfig
+from .errors import GateFailed, InputError
+from .onnx_export import export_onnx
+from .gpu import cuda_device
+from .images import load_images
+from .manifest import EngineRecord, Manifest, PluginRecord, TensorRecord
+from .models import Architecture, architecture, check_weights, load
+from .parity import Verdict, compare_logits
+from .patch import apply, record_kept
+from .precision import apply_precision
+from .schedule import Calibration, KeepSchedule
+from .validate import ParityReport, check_onnx_parity, load_goldens, normalise, save_goldens, synthetic_images
+
+ONNX_FILE = "model.onnx"
+ENGINE_FILE = "engine.plan"
+LABELS_FILE = "labels.txt"
+
+
+class Progress:
+    """What the pipeline reports while it works; the default reports nothing.
+
+    `step(key, label, total)` is a context manager around one step; it yields `advance(done)`,
+    to call as the step's `total` items get done (total None: no counter). `note(text)` is a
+    remark (what was skipped and why)."""
+
+    @contextlib.contextmanager
+    def step(self, key: str, label: str, total: int | None = None):
+        yield lambda done: None
+
+    def note(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class EngineParity:
+    verdict: Verdict
+    reason: str | None = None  # why it did not run, or what failed
+    closeness: dict | None = None
+
+    def as_dict(self) -> dict:
+        return {"verdict": self.verdict.value, "reason": self.reason, "closeness": self.closeness}
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    manifest: Manifest
+    schedule: KeepSchedule
+    parity: ParityReport | None  # None: exported without verification
+    engine: EngineRecord | None
+    engine_parity: EngineParity | None
+    timings: dict = field(default_factory=dict)  # step key → seconds
+
+    @property
+    def files(self) -> list[str]:
+        return sorted([*self.manifest.files, artifacts.MANIFEST])
+
+
+def resolve_schedule(keep_schedule, model, img_size: int | None = None) -> KeepSchedule:
+    """A schedule resolved for a model (a name, or a module) with its FLOPs ratio; no weights."""
+    if isinstance(model, torch.nn.Module):
+        return KeepSchedule.for_model(keep_schedule, find_adapter(model).describe(model))
+    return KeepSchedule.for_model(keep_schedule, architecture(model, img_size).info)
+
+
+def export(model, output, config: ExportConfig = ExportConfig(), weights: str | None = None,
+           progress: Progress | None = None) -> ExportResult:
+    """Export `model` (a model name or alias, or a loaded `nn.Module`, which is patched in place)
+    into the folder `output`. `weights` applies to names only: "pretrained" (default), "random" or
+    a checkpoint path."""
+    return _Export(config, progress or Progress()).run(model, Path(output), weights)
+
+
+class _Export:
+    def __init__(self, config: ExportConfig, progress: Progress):
+        self.config, self.progress, self.timings = config, progress, {}
+
+    @contextlib.contextmanager
+    def step(self, key: str, label: str, total: int | None = None):
+        t0 = time.perf_counter()
+        with self.progress.step(key, label, total) as advance:
+            yield advance
+        self.timings[key] = round(time.perf_counter() - t0, 3)
+
+    def run(self, model, output: Path, weights: str | None) -> ExportResult:
+        config = self.config
+        arch, module = self._resolve_model(model, weights)
+        schedule = KeepSchedule.for_model(config.keep_schedule, arch.info)
+        schedule.require_static()
+        target, compute_capability = self._resolve_target()
+        config = self.config = replace(config, target=target, compute_capability=compute_capability)
+        artifacts.check_writable(output)  # every check above needed no weights; nothing is written yet
+        with artifacts.StagedOutput(output) as staged:
+            result = self._build(arch, module, weights or "pretrained", schedule, staged.path)
+            result.folder = staged.commit()
+        return result
+
+    def _resolve_model(self, model, weights):
+        if isinstance(model, str):
+            check_weights(weights or "pretrained")
+            return architecture(model, self.config.img_size), None
+        if not isinstance(model, torch.nn.Module):
+            raise InputError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}")
+        if weights is not None:
+            raise InputError("weights apply to models given by name; this model is already loaded")
+        if getattr(model, "saint", None) is not None:
+            raise InputError("model already has SAINT applied; pass the unpatched model and choose the schedule "
+                             "in ExportConfig.keep_schedule")
+        adapter = find_adapter(model)
+        info = adapter.describe(model)
+        if self.config.img_size not in (None, info.img_size):
+            raise InputError(f"image size {self.config.img_size} differs from the loaded model's {info.img_size}")
+        name = type(model).__name__
+        return Architecture(name, name, adapter, info, sum(p.numel() for p in model.parameters())), model
+
+    def _resolve_target(self) -> tuple[str, str | None]:
+        """The target to build (before any model work), and what was skipped and why."""
+        from .trt.backend import available_target, load_backend
+
+        config = self.config
+        target, cc = config.target, config.compute_capability
+        if target == "auto":
+            target, skipped = available_target()
+            self.progress.note(f"target: {target}" + (f" (skipped {'; '.join(skipped)})" if skipped else ""))
+        elif target != "onnx":
+            load_backend(target)
+        if target == "trt-rtx" and cc is None and cuda_device() is None:
+            cc = "8.9"
+            self.progress.note("no GPU here: TensorRT-RTX builds for compute capability 8.9")
+        return target, cc
+
+    def _build(self, arch: Architecture, module, weights: str, schedule: KeepSchedule, folder: Path):
+        config = self.config
+        info = arch.info
+        with self.step("load", f"loading {arch.source_name} ({arch.num_params / 1e6:.1f} M parameters"
+                               + (f", {weights} weights)" if module is None else ")")):
+            model = module if module is not None else load(arch, weights)
+            apply(model, schedule, tau=config.tau, K=config.K, gamma=config.gamma)
+            apply_precision(model, config.precision)
+            adapter = arch.adapter
+            self.io_names = (adapter.INPUT_NAME, adapter.OUTPUT_NAME)
+            preprocess = adapter.preprocess(model)
+            labels = adapter.label_names(model)
+        with self.step("export", f"exporting ONNX (torch.export, opset {config.opset})"):
+            files = export_onnx(model, folder / ONNX_FILE, (3, info.img_size, info.img_size), config.opset)
+        parity = None
+        if config.verify:
+            images = normalise(synthetic_images(config.parity_images, info.img_size), preprocess)
+            if config.images:
+                loaded = load_images(config.images, preprocess)
+                for path, why in loaded.unreadable:
+                    self.progress.note(f"skipped unreadable image {path}: {why}")
+                images = torch.cat([images, torch.from_numpy(loaded.pixel_values)])
+            batches = (1, config.batch[1])
+            with self.step("parity", f"parity gate: eager vs ONNX Runtime, batch {batches[0]} and {batches[1]}",
+                           total=len(images) * 2) as advance:
+                parity = check_onnx_parity(model, files[0], images, batches, lambda done, _: advance(done),
+                                           config.precision)
+            if not parity.passed:
+                raise GateFailed(parity.table())
+            files += save_goldens(*parity.golden, folder, adapter.INPUT_NAME, adapter.OUTPUT_NAME)
+        if labels is not None:
+            files.append(artifacts.atomic_write_text(folder / LABELS_FILE, "\n".join(labels) + "\n"))
+        engine = engine_parity = None
+        if config.target != "onnx":
+            engine, engine_parity, engine_files = self._engine(folder)
+            files += engine_files
+        with self.step("manifest", "writing manifest and report"):
+            report = {"parity": parity.as_dict() if parity else None,
+                      "engine_parity": engine_parity.as_dict() if engine_parity else None,
+                      "flops_ratio": schedule.flops_ratio(), "timings_seconds": self.timings}
+            files.append(artifacts.write_json(folder / artifacts.REPORT, report))
+            manifest = Manifest(
+                verified=parity is not None,
+                verification="parity gate passed" if parity else "skipped: exported without verification",
+                model={"name": arch.name, "source_name": arch.source_name, "family": adapter.family,
+                       "weights": _weights_record(weights if module is None else "loaded module"),
+                       "parameters": arch.num_params},
+                input=TensorRecord(adapter.INPUT_NAME, ["batch", 3, info.img_size, info.img_size]),
+                output=TensorRecord(adapter.OUTPUT_NAME, ["batch", _num_outputs(model, info)]),
+                preprocess=preprocess,
+                keep_schedule=schedule.as_dict(),
+                saint={"tau": config.tau, "K": config.K, "gamma": config.gamma},
+                precision=config.precision, batch=config.batch,
+                onnx={"file": ONNX_FILE, "opset": config.opset, "exporter": "torch.onnx (dynamo)",
+                      "operator": {"domain": spec.DOMAIN, "op_type": spec.OP_TYPE,
+                                   "plugin_namespace": spec.DOMAIN, "plugin_version": spec.PLUGIN_VERSION,
+                                   "local_function": True}},
+                engine=engine, labels=LABELS_FILE if labels is not None else None,
+                gpu=cuda_device().name if cuda_device() else None, versions=artifacts.versions(),
+                files=artifacts.checksums(folder, [f.name for f in files]))
+            manifest.write(folder)
+        return ExportResult(folder, manifest, schedule, parity, engine, engine_parity, self.timings)
+
+    def _engine(self, folder: Path) -> tuple[EngineRecord, EngineParity, list[Path]]:
+        from .trt import plugin
+        from .trt.backend import load_backend
+        from .trt.engine import build_engine
+
+        config = self.config
+        backend = load_backend(config.target)
+        library, files, plugin_record = None, [], None
+        if config.plugin_library == "auto":
+            try:
+                library = plugin.build()
+            except InputError:
+                raise
+            except Exception as err:  # no CUDA toolkit or headers: fall back to the ONNX function, and say so
+                self.progress.note(f"plugin library unavailable ({err}); TensorRT will run the ONNX function")
+        elif config.plugin_library != "none":
+            library = Path(config.plugin_library)
+        if library is not None:  # shipped inside the folder: the engine needs exactly this library to load
+            shutil.copy2(library, folder / plugin.LIBRARY)
+            library = folder / plugin.LIBRARY
+            files.append(library)
+            plugin_record = PluginRecord(plugin.LIBRARY, artifacts.sha256(library), spec.OP_TYPE,
+                                         spec.PLUGIN_VERSION, spec.DOMAIN)
+        cache = config.timing_cache or plugin.cache_dir() / f"timing-{backend.name}-{backend.version}.cache"
+        implementation = "plugin" if library else "ONNX function"
+        with self.step("engine", f"building {backend.name} {backend.version} engine ({spec.OP_TYPE} as "
+                                 f"{implementation}, batch {'/'.join(map(str, config.batch))})"):
+            built = build_engine(backend, folder / ONNX_FILE, folder / ENGINE_FILE, config.batch, library,
+                                 config.compute_capability, cache)
+        files.append(folder / ENGINE_FILE)
+        parity = self._engine_parity(backend, folder, built.compute_capability, library)
+        engine = EngineRecord(built.file, backend.name, backend.version, built.compute_capability,
+                              built.operator_backend, built.plugin_layers, built.strongly_typed, built.build_seconds,
+                              plugin_record, parity.verdict is Verdict.PASSED,
+                              parity.verdict.value + (f": {parity.reason}" if parity.reason else ""))
+        if parity.verdict is Verdict.FAILED:
+            raise GateFailed(f"engine vs eager: {parity.reason}")
+        return engine, parity, files
+
+    def _engine_parity(self, backend, folder: Path, compute_capability: str, library: Path | None) -> EngineParity:
+        """The engine replays the golden files through the runtime's TensorRT runner. Engines run
+        only on a matching GPU; elsewhere the golden files let anyone repeat the check there."""
+        from .runtime.runners import TrtRunner
+
+        if not self.config.verify:
+            return EngineParity(Verdict.NOT_RUN, "exported without verification")
+        device = cuda_device()
+        if device is None:
+            return EngineParity(Verdict.NOT_RUN, "no CUDA GPU on this machine")
+        if device.compute_capability != compute_capability:
+            return EngineParity(Verdict.NOT_RUN, f"engine is for compute capability {compute_capability}, this GPU "
+                                                 f"is {device.compute_capability}")
+        inputs, expected = load_goldens(folder, *self.io_names)
+        image = inputs[0].shape[1:]
+        input_record = TensorRecord(self.io_names[0], ["batch", *image])
+        with TrtRunner(folder / ENGINE_FILE, input_record, TensorRecord(self.io_names[1], ["batch", None]),
+                       self.config.batch[2], backend, library, contexts=1) as runner:
+            closeness = compare_logits([runner.infer(x) for x in inputs], expected, self.config.precision)
+        verdict = Verdict.PASSED if closeness.passed else Verdict.FAILED
+        return EngineParity(verdict, "; ".join(closeness.failures("engine logits")) or None, closeness.as_dict())
+
+
+def _num_outputs(model: torch.nn.Module, info) -> int:
+    with torch.no_grad():
+        return int(model(torch.zeros(1, 3, info.img_size, info.img_size)).shape[-1])
+
+
+def _weights_record(weights: str) -> dict:
+    if weights == "random":
+        return {"source": "random", "seed": 0}
+    if weights == "pretrained":
+        return {"source": "pretrained (model hub)"}
+    if weights == "loaded module":
+        return {"source": "loaded module (given to export)"}
+    return {"source": "file", "path": str(Path(weights).absolute()), "sha256": artifacts.sha256(Path(weights))}
+
+
+def calibrate(model, images=None, percentile: float = 50.0, *, weights: str | None = None, tau: float = spec.TAU,
+              K: int = spec.VOTE_K, gamma: float = spec.GAMMA, num_images: int = 32, img_size: int | None = None,
+              progress: Progress | None = None) -> Calibration:
+    """Measure per-block budgets with the dynamic (reference) method, one image at a time.
+
+    `model` is a name (with `weights`) or an unpatched `nn.Module` (patched in place with
+    `dynamic`). `images` are image files or folders (default: `num_images` synthetic images).
+    Each block's budget is the `percentile` of the per-image r, floored and kept within the
+    per-block limits. Save the result with `.save(path)`; `calib:<path>` then reads it."""
+    from .config import check_hyperparameters
+
+    progress = progress or Progress()
+    if not (isinstance(num_images, int) and num_images >= 1):
+        raise InputError(f"num_images must be an integer ≥ 1, got {num_images!r}")
+    if not 0 <= percentile <= 100:
+        raise InputError(f"percentile must be within [0, 100], got {percentile!r}")
+    check_hyperparameters(tau, K, gamma)
+    runner = _Export(ExportConfig(tau=tau, K=K, gamma=gamma, img_size=img_size), progress)
+    arch, module = runner._resolve_model(model, weights)
+    with runner.step("load", f"loading {arch.source_name}" + (f" ({weights or 'pretrained'} weights)"
+                                                              if module is None else "")):
+        model = module if module is not None else load(arch, weights or "pretrained")
+        apply(model, "dynamic", tau=tau, K=K, gamma=gamma)
+        preprocess = arch.adapter.preprocess(model)
+        if images is None:
+            pixels = normalise(synthetic_images(num_images, arch.info.img_size), preprocess)
+        else:
+            loaded = load_images([images] if isinstance(images, (str, Path)) else images, preprocess)
+            for path, why in loaded.unreadable:
+                progress.note(f"skipped unreadable image {path}: {why}")
+            pixels = torch.from_numpy(loaded.pixel_values)
+    schedule = model.saint.schedule
+    per_image = []
+    with runner.step("calibrate", f"running the dynamic method on {len(pixels)} images, one at a time",
+                     total=len(pixels)) as advance:
+        for i in range(len(pixels)):
+            with torch.no_grad(), record_kept(model) as trace:
+                model(pixels[i:i + 1])
+            drops = [0] * len(schedule.pruning_blocks)
+            for kept in trace:
+                drops[kept.block] = kept.dropped
+            per_image.append(drops)
+            advance(i + 1)
+    measured = np.percentile(np.array(per_image), percentile, axis=0)
+    drops, n = [], arch.info.num_patches
+    for r in measured:  # floor, then keep within the per-block limits
+        r = min(int(r), spec.max_drop(n))
+        drops.append(r)
+        n -= r
+    return Calibration(arch.source_name, arch.info.depth, arch.info.num_patches, tau, K, gamma, percentile,
+                       per_image, drops)

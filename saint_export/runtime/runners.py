@@ -1,0 +1,169 @@
+"""Runners: one interface (`infer`, `close`, context manager) over ONNX Runtime and TensorRT.
+
+The base class owns what every backend shares: checking the input against the manifest,
+splitting batches above the profile's maximum, and closing. Subclasses implement `_run` for one
+batch that fits the profile, and must be safe to call from many threads at once.
+"""
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError, InputError
+from ..manifest import TensorRecord
+
+
+class Runner:
+    backend = "?"
+
+    def __init__(self, path: Path, input: TensorRecord, output: TensorRecord, max_batch: int):
+        self.path = Path(path)  # the model or engine file
+        self.input_name, self.output_name = input.name, output.name
+        self.image_shape = tuple(input.shape[1:])  # (3, H, W)
+        self.max_batch = max_batch
+        self.notes: list[str] = []  # why this backend (what auto skipped)
+        self._closed = False
+
+    def infer(self, pixel_values: np.ndarray) -> np.ndarray:
+        """float32 [B, 3, H, W] → logits float32 [B, classes]; batches above the profile's maximum
+        are split and the results concatenated."""
+        if self._closed:
+            raise InputError("this runner is closed")
+        x = self._check(pixel_values)
+        parts = [self._run(x[start:start + self.max_batch]) for start in range(0, len(x), self.max_batch)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _check(self, x) -> np.ndarray:
+        expected = f"[batch, {', '.join(map(str, self.image_shape))}]"
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"{self.input_name} must be a numpy array {expected}, got {type(x).__name__}")
+        if x.dtype != np.float32:
+            raise InputError(f"{self.input_name} must be float32, got {x.dtype} (convert with .astype(np.float32))")
+        if x.ndim != 4:
+            raise InputError(f"{self.input_name} must have rank 4 {expected}, got rank {x.ndim} {list(x.shape)}")
+        if tuple(x.shape[1:]) != self.image_shape or x.shape[0] < 1:
+            raise InputError(f"{self.input_name} must be {expected} with batch ≥ 1, got {list(x.shape)}")
+        return np.ascontiguousarray(x)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.backend} {self.path}>"
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime. One session serves every thread: `InferenceSession.run` is thread-safe
+    (onnxruntime's threading documentation), and one session keeps one copy of the weights."""
+
+    def __init__(self, path: Path, input: TensorRecord, output: TensorRecord, max_batch: int, device: str = "auto"):
+        super().__init__(path, input, output, max_batch)
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        from ..gpu import cuda_device
+
+        want_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available
+                                         and cuda_device() is not None)
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise InputError(f"backend onnxruntime-cuda needs onnxruntime-gpu; this ONNX Runtime offers "
+                             f"{', '.join(available)}")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+        self.session = ort_session(self.path, providers)
+        active = self.session.get_providers()
+        # onnxruntime-gpu falls back to the CPU silently when CUDA libraries are missing: ask the session.
+        if want_cuda and active[0] != "CUDAExecutionProvider":
+            if device == "cuda":
+                raise BackendError(f"ONNX Runtime could not start CUDA (active providers: {', '.join(active)})")
+            self.notes.append(f"ONNX Runtime CUDA not used: the session fell back to {', '.join(active)}")
+        self.backend = "onnxruntime-cuda" if active[0] == "CUDAExecutionProvider" else "onnxruntime-cpu"
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def close(self) -> None:
+        self.session = None
+        super().close()
+
+
+def ort_session(path: Path, providers: list[str] | None = None):
+    """An ONNX Runtime session that reports a failure in one line."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types, with the reason in the text
+        raise BackendError(f"ONNX Runtime could not load {Path(path).name}: {str(err).strip().splitlines()[0]}") \
+            from None
+
+
+class TrtRunner(Runner):
+    """TensorRT or TensorRT-RTX with a pool of execution contexts (a context serves one call at a
+    time; the engine and its weights are shared). Device memory through Polygraphy's CUDA
+    wrapper (ctypes over the CUDA runtime, no torch).
+
+    Not yet run anywhere: no machine available to this project has had both TensorRT and a GPU."""
+
+    def __init__(self, path: Path, input: TensorRecord, output: TensorRecord, max_batch: int, backend,
+                 plugin_library: Path | None, contexts: int = 2):
+        super().__init__(path, input, output, max_batch)
+        from polygraphy import cuda
+
+        from ..trt.backend import load_plugin, make_logger
+
+        self._cuda = cuda
+        trt = backend.module
+        if plugin_library is not None:
+            load_plugin(backend, plugin_library)
+        logger = make_logger(trt)
+        self._runtime = trt.Runtime(logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise BackendError(f"{backend.name} could not deserialize {self.path.name}: "
+                               f"{'; '.join(logger.errors)[:500]}")
+        self.backend = backend.name
+        self._pool: queue.Queue = queue.Queue()
+        for _ in range(max(1, contexts)):
+            self._pool.put((self.engine.create_execution_context(), cuda.Stream()))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        cuda = self._cuda
+        context, stream = self._pool.get()
+        try:
+            context.set_input_shape(self.input_name, x.shape)
+            out = np.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=np.float32)
+            device_in = cuda.DeviceArray(shape=x.shape, dtype=np.float32)
+            device_out = cuda.DeviceArray(shape=out.shape, dtype=np.float32)
+            try:
+                device_in.copy_from(x, stream)
+                context.set_tensor_address(self.input_name, device_in.ptr)
+                context.set_tensor_address(self.output_name, device_out.ptr)
+                if not context.execute_async_v3(stream.ptr):
+                    raise BackendError(f"{self.backend} failed to run {self.path.name}")
+                device_out.copy_to(out, stream)
+                stream.synchronize()
+            finally:
+                device_in.free()
+                device_out.free()
+            return out
+        finally:
+            self._pool.put((context, stream))
+
+    def close(self) -> None:
+        while not self._pool.empty():
+            self._pool.get()[1].free()
+        self.engine = None
+        super().close()
