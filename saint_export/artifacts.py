@@ -66,7 +66,7 @@ def check_writable(final: Path) -> None:
         raise OutputError(f"output {str(final)!r} exists and is not a folder")
     if final.is_dir() and any(final.iterdir()) and not (final / MANIFEST).is_file():
         raise OutputError(f"output folder {str(final)!r} is not empty and holds no saint-export manifest; "
-                          "refusing to replace it (choose another --output)")
+                          "refusing to replace it (choose another output folder)")
     _check_can_create(final, "output folder")
 
 

@@ -156,7 +156,7 @@ def export(args) -> int:
         print("\n".join(f"{alias:<20} {name}" for alias, name in ALIASES.items()))
         return EXIT_OK
     if not args.model:
-        _parser().parse_args(["export", "--help"])
+        raise InputError("a model name is required (saint-export MODEL …; see saint-export export --help)")
     config = se.ExportConfig(
         keep_schedule=args.keep_schedule, tau=args.tau, K=args.K, gamma=args.gamma, precision=args.precision,
         opset=args.opset, target=args.target, batch=args.batch, verify=not args.no_verify,

@@ -1,8 +1,8 @@
-"""An independent, plain re-statement of SAINT from docs/saint-algorithm.md §2 (numpy, float64).
+"""An independent, plain re-statement of SAINT from docs/method.md (numpy, float64).
 
 Shares no code with saint_export. It runs a timm VisionTransformer's forward by hand, with the
 released method's batch-shared dynamic r in blocks 0 … ⌊D/2⌋−1, and reports each block's kept
-token indices. Scores are rounded to float32 at the end (DESIGN §2: scores are fp32).
+token indices. Scores are rounded to float32 at the end (docs/method.md: scores are fp32).
 """
 import numpy as np
 import torch

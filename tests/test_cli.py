@@ -208,3 +208,37 @@ def test_infer_refuses_an_unverified_folder_unless_allowed(tmp_path, capsys, pho
     assert code == 2 and "did not pass a parity gate" in only_error_line(err)
     code, out, err = run(capsys, "infer", str(out_dir), str(photo_folder), "--allow-unverified", "--top", "1")
     assert code == 0, err
+
+
+def test_backend_failure_exits_1_with_the_backends_words(exported, tmp_path, capsys):
+    """A model file that ONNX Runtime cannot load, though its checksum matches: a backend failure."""
+    from saint_export.artifacts import sha256
+
+    folder = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(exported.folder, folder)
+    (folder / "model.onnx").write_bytes(b"not a protobuf at all")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = {"sha256": sha256(folder / "model.onnx"), "bytes": 21}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "infer", str(folder), str(tmp_path))
+    assert code == 1
+    assert only_error_line(err).startswith("saint-export: backend error: ONNX Runtime could not load model.onnx")
+
+
+def test_subcommands_and_missing_model(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "a model name is required" in only_error_line(err)
+    with pytest.raises(SystemExit) as done:
+        run(capsys, "--help")
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    assert all(command in help_text for command in ("export", "calibrate", "check", "infer"))
+    code, out, _ = run(capsys, "--list-models")
+    assert code == 0 and "vit_h14" in out and "deit3_huge_patch14_224.fb_in22k_ft_in1k" in out
+
+
+def test_check_on_an_onnx_only_folder(exported, capsys):
+    code, _, err = run(capsys, "check", str(exported.folder))
+    assert code == 2 and "holds no TensorRT engine (it was exported for ONNX only)" in only_error_line(err)
