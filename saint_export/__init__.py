@@ -15,6 +15,7 @@ _EXPORTS = {
     "ExportConfig": "config",
     "export": "pipeline", "calibrate": "pipeline", "resolve_schedule": "pipeline", "ExportResult": "pipeline",
     "Progress": "pipeline",
+    "evaluate": "evaluate", "evaluate_folder": "evaluate", "Evaluation": "evaluate",
     "SaintError": "errors", "InputError": "errors", "BackendError": "errors", "GateFailed": "errors",
     "Manifest": "manifest",
     "TAU": "spec", "VOTE_K": "spec", "GAMMA": "spec",

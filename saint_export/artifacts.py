@@ -97,17 +97,21 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Write `path` through a hidden sibling and one rename: readers see the old file or the new one."""
     path = Path(path)
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -19,7 +19,7 @@ from .config import DEFAULT_OPSET, PRECISIONS, TARGETS
 from .errors import BackendError, GateFailed, InputError
 
 EXIT_OK, EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-COMMANDS = ("export", "calibrate", "check", "infer")
+COMMANDS = ("export", "calibrate", "check", "infer", "eval")
 
 
 class TqdmProgress:
@@ -92,6 +92,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=32, help="synthetic images when --images is not given")
     p.add_argument("--percentile", type=float, default=50.0, help="per-block percentile of r (default: median)")
 
+    p = sub.add_parser("eval", help="accuracy, agreement and speed of keep schedules on an image folder")
+    p.add_argument("model", help="model name or alias, or an exported folder (evaluated through the runtime)")
+    _model_arguments(p)
+    p.add_argument("--images", type=Path, nargs="+", required=True,
+                   help="image files, flat folders or ImageFolder trees (class subfolders: accuracy too)")
+    p.add_argument("-s", "--keep-schedule", default="none,early75,early50,early25",
+                   help="comma-separated schedules (default none,early75,early50,early25)")
+    p.add_argument("--backend", default=None, help="eager | onnxruntime for a model (default eager); "
+                   "auto | tensorrt | onnxruntime… for a folder (default auto)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward (default 16)")
+    p.add_argument("-o", "--output", type=Path, help="folder for eval.json and eval.png (default "
+                   "engines/<model>-eval)")
+    p.add_argument("--allow-unverified", action="store_true", help="evaluate a folder that did not pass its gate")
+
     p = sub.add_parser("check", help="check that an exported engine folder matches this machine")
     p.add_argument("folder", type=Path)
     p.add_argument("--plugin-lib", type=Path, help="the plugin library you will load with the engine")
@@ -127,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so staged output is cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        return {"export": export, "calibrate": calibrate, "check": check, "infer": infer}[args.command](args)
+        return {"export": export, "calibrate": calibrate, "check": check, "infer": infer,
+                "eval": evaluate}[args.command](args)
     except KeyboardInterrupt:
         _err("saint-export: interrupted; nothing was written")
         return EXIT_INTERRUPTED
@@ -211,6 +226,33 @@ def calibrate(args) -> int:
     calibration.save(args.output)
     print(se.resolve_schedule(f"calib:{args.output}", args.model, args.img_size).table())
     print(f"wrote {args.output}; use --keep-schedule calib:{args.output}")
+    return EXIT_OK
+
+
+def evaluate(args) -> int:
+    import saint_export as se
+    from saint_export.artifacts import check_file_writable
+
+    folder = Path(args.model)
+    output = args.output or Path("engines") / f"{_slug(folder.name if folder.is_dir() else args.model)}-eval"
+    check_file_writable(output / "eval.json")
+    progress = TqdmProgress()
+    if (folder / "manifest.json").is_file():
+        evaluation = se.evaluate_folder(folder, args.images, backend=args.backend or "auto",
+                                        allow_unverified=args.allow_unverified, batch_size=args.batch_size)
+    else:
+        evaluation = se.evaluate(args.model, args.images, args.keep_schedule.split(","), weights=args.weights,
+                                 backend=args.backend or "eager", batch_size=args.batch_size, tau=args.tau, K=args.K,
+                                 gamma=args.gamma, img_size=args.img_size, progress=progress)
+    for path, why in evaluation.unreadable:
+        _err(f"skipped unreadable image {path}: {why}")
+    print(evaluation.table())
+    try:
+        written = evaluation.save(output)
+    except InputError as missing_plot:  # eval.json is written before the plot is tried
+        _err(f"{missing_plot}; wrote {output / 'eval.json'} only")
+        written = [output / "eval.json"]
+    print("wrote " + ", ".join(str(p) for p in written))
     return EXIT_OK
 
 

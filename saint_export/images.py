@@ -66,36 +66,47 @@ class Images:
     pixel_values: np.ndarray  # float32 [N, 3, size, size]
     paths: list[Path]
     unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+    # Per image, the class folder it came from (ImageFolder layout: <source>/<class>/…/image), or None.
+    classes: list[str | None] = field(default_factory=list)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes) and all(c is not None for c in self.classes)
 
 
-def image_files(sources) -> list[Path]:
-    """Files and folders (searched recursively, image suffixes only) → sorted image paths."""
+def image_files(sources) -> list[tuple[Path, str | None]]:
+    """Files and folders (searched recursively, image suffixes only) → sorted (image path, class
+    folder) pairs; the class is the first folder below a source folder, None for loose files."""
     files = []
     for source in map(Path, sources):
         if source.is_dir():
-            files += sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+            found = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+            files += [(p, p.relative_to(source).parts[0] if len(p.relative_to(source).parts) > 1 else None)
+                      for p in found]
         elif source.is_file():
-            files.append(source)
+            files.append((source, None))
         else:
             raise InputError(f"image source {str(source)!r} does not exist")
     return files
 
 
 def load_images(sources, preprocess: Preprocess) -> Images:
-    """Read and preprocess every image in `sources` (files or folders). Unreadable files are
-    returned in `unreadable`, never silently skipped; no readable image at all is an error."""
+    """Read and preprocess every image in `sources` (files, flat folders or ImageFolder trees with
+    class subfolders). Unreadable files are returned in `unreadable`, never silently skipped; no
+    readable image at all is an error."""
     from PIL import Image, UnidentifiedImageError
 
-    arrays, paths, unreadable = [], [], []
-    for path in image_files(sources):
+    arrays, paths, classes, unreadable = [], [], [], []
+    for path, class_name in image_files(sources):
         try:
             with Image.open(path) as image:
                 arrays.append(preprocess(image))
             paths.append(path)
+            classes.append(class_name)
         except (UnidentifiedImageError, OSError, ValueError) as err:
             unreadable.append((path, str(err).splitlines()[0] if str(err) else type(err).__name__))
     if not arrays:
         names = ", ".join(str(p) for p in map(Path, sources))
         detail = f"; unreadable: {', '.join(p.name for p, _ in unreadable[:3])}" if unreadable else ""
         raise InputError(f"no readable images in {names}{detail}")
-    return Images(np.stack(arrays), paths, unreadable)
+    return Images(np.stack(arrays), paths, unreadable, classes)

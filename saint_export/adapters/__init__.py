@@ -16,6 +16,7 @@ An adapter is a module (ToMe's pattern: one module per family, the same entry po
 | `low_precision_modules(model)` | the Linear layers that fp16 / bf16 lowers |
 | `preprocess(model)` | `images.Preprocess`: how an image becomes the model's input |
 | `label_names(model)` | the head's class names, or None |
+| `class_indices(model, class_names)` | image-folder class names → the head's class indices |
 
 Nothing outside `adapters/` and `models.py` touches a model's attributes.
 """

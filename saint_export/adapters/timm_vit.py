@@ -6,6 +6,7 @@ needs only the keys, which the block reads off the qkv projection.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -141,6 +142,27 @@ def label_names(model: VisionTransformer) -> list[str] | None:
         return None
     info = ImageNetInfo("imagenet-1k")
     return [info.index_to_description(i) for i in range(model.num_classes)]
+
+
+def class_indices(model: VisionTransformer, class_names) -> dict[str, int]:
+    """Class folder names → the head's class indices: ImageNet synsets (n01440764, …) through
+    timm's ImageNet-1k table when every folder is one, else the ImageFolder convention (sorted
+    folder names → 0, 1, …), for heads trained on that folder."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    names = sorted(set(class_names))
+    if all(re.fullmatch(r"n\d{8}", name) for name in names):
+        if infer_imagenet_subset(model) != "imagenet-1k" or model.num_classes != 1000:
+            raise InputError(f"the class folders are ImageNet synsets, but {type(model).__name__}'s head is not "
+                             "an ImageNet-1k head")
+        index = {synset: i for i, synset in enumerate(ImageNetInfo("imagenet-1k").label_names())}
+        unknown = [name for name in names if name not in index]
+        if unknown:
+            raise InputError(f"class folders {', '.join(unknown[:3])} are not ImageNet-1k synsets")
+        return {name: index[name] for name in names}
+    if len(names) > model.num_classes:
+        raise InputError(f"{len(names)} class folders, but the model's head has {model.num_classes} classes")
+    return {name: i for i, name in enumerate(names)}
 
 
 class SaintBlock(Block):
