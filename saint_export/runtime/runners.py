@@ -24,6 +24,7 @@ class Runner:
         self.image_shape = tuple(input.shape[1:])  # (3, H, W)
         self.max_batch = max_batch
         self.notes: list[str] = []  # why this backend (what auto skipped)
+        self.folder, self.manifest = None, None  # set by runtime.open
         self._closed = False
 
     def infer(self, pixel_values: np.ndarray) -> np.ndarray:
