@@ -115,16 +115,15 @@ def evaluate_folder(folder, images, *, backend: str = "auto", allow_unverified: 
     manifest = Manifest.read(folder)
     weights = manifest.model["weights"]
     if model is None:
-        if weights["source"] == "random":
-            model = load(architecture(manifest.model["source_name"], manifest.preprocess.size), "random",
-                         seed=weights["seed"])
-        elif weights["source"] == "file":
-            check_weights(weights["path"])
-            model = load(architecture(manifest.model["source_name"], manifest.preprocess.size), weights["path"])
-        elif weights["source"].startswith("pretrained"):
-            model = load(architecture(manifest.model["source_name"], manifest.preprocess.size), "pretrained")
-        else:
+        # The weights record the pipeline wrote (pipeline._weights_record) → what models.load takes.
+        source = weights["source"]
+        if source.startswith("loaded module"):
             raise InputError(f"{folder} was exported from a loaded module: pass that (unpruned) model to compare with")
+        argument = {"random": "random", "file": weights.get("path")}.get(source, "pretrained")
+        if source == "file":
+            check_weights(argument)
+        model = load(architecture(manifest.model["source_name"], manifest.preprocess.size), argument,
+                     seed=weights.get("seed", 0))
     data, labels = _images(model, images)
     reference, _ = _eager_logits(model, data.pixel_values, batch_size)
     logits, seconds, backend_used = _runtime_logits(folder, data.pixel_values, allow_unverified, backend)

@@ -161,7 +161,6 @@ class _Export:
             apply(model, schedule, tau=config.tau, K=config.K, gamma=config.gamma)
             apply_precision(model, config.precision)
             adapter = arch.adapter
-            self.io_names = (adapter.INPUT_NAME, adapter.OUTPUT_NAME)
             preprocess = adapter.preprocess(model)
             labels = adapter.label_names(model)
         with self.step("export", f"exporting ONNX (torch.export, opset {config.opset})"):
@@ -186,7 +185,7 @@ class _Export:
             files.append(artifacts.atomic_write_text(folder / LABELS_FILE, "\n".join(labels) + "\n"))
         engine = engine_parity = None
         if config.target != "onnx":
-            engine, engine_parity, engine_files = self._engine(folder)
+            engine, engine_parity, engine_files = self._engine(folder, adapter)
             files += engine_files
         with self.step("manifest", "writing manifest and report"):
             report = {"parity": parity.as_dict() if parity else None,
@@ -200,7 +199,7 @@ class _Export:
                        "weights": _weights_record(weights if module is None else "loaded module"),
                        "parameters": arch.num_params},
                 input=TensorRecord(adapter.INPUT_NAME, ["batch", 3, info.img_size, info.img_size]),
-                output=TensorRecord(adapter.OUTPUT_NAME, ["batch", _num_outputs(model, info)]),
+                output=TensorRecord(adapter.OUTPUT_NAME, ["batch", _num_outputs(model, info, parity)]),
                 preprocess=preprocess,
                 keep_schedule=schedule.as_dict(),
                 saint={"tau": config.tau, "K": config.K, "gamma": config.gamma},
@@ -215,7 +214,7 @@ class _Export:
             manifest.write(folder)
         return ExportResult(folder, manifest, schedule, parity, engine, engine_parity, self.timings)
 
-    def _engine(self, folder: Path) -> tuple[EngineRecord, EngineParity, list[Path]]:
+    def _engine(self, folder: Path, adapter) -> tuple[EngineRecord, EngineParity, list[Path]]:
         from .trt import plugin
         from .trt.backend import load_backend
         from .trt.engine import build_engine
@@ -245,7 +244,7 @@ class _Export:
             built = build_engine(backend, folder / ONNX_FILE, folder / ENGINE_FILE, config.batch, library,
                                  config.compute_capability, cache)
         files.append(folder / ENGINE_FILE)
-        parity = self._engine_parity(backend, folder, built.compute_capability, library)
+        parity = self._engine_parity(backend, folder, built.compute_capability, library, adapter)
         engine = EngineRecord(built.file, backend.name, backend.version, built.compute_capability,
                               built.operator_backend, built.plugin_layers, built.strongly_typed, built.build_seconds,
                               plugin_record, parity.verdict is Verdict.PASSED,
@@ -254,7 +253,8 @@ class _Export:
             raise GateFailed(f"engine vs eager: {parity.reason}")
         return engine, parity, files
 
-    def _engine_parity(self, backend, folder: Path, compute_capability: str, library: Path | None) -> EngineParity:
+    def _engine_parity(self, backend, folder: Path, compute_capability: str, library: Path | None,
+                       adapter) -> EngineParity:
         """The engine replays the golden files through the runtime's TensorRT runner. Engines run
         only on a matching GPU; elsewhere the golden files let anyone repeat the check there."""
         from .runtime.runners import TrtRunner
@@ -267,17 +267,19 @@ class _Export:
         if device.compute_capability != compute_capability:
             return EngineParity(Verdict.NOT_RUN, f"engine is for compute capability {compute_capability}, this GPU "
                                                  f"is {device.compute_capability}")
-        inputs, expected = load_goldens(folder, *self.io_names)
-        image = inputs[0].shape[1:]
-        input_record = TensorRecord(self.io_names[0], ["batch", *image])
-        with TrtRunner(folder / ENGINE_FILE, input_record, TensorRecord(self.io_names[1], ["batch", None]),
+        inputs, expected = load_goldens(folder, adapter.INPUT_NAME, adapter.OUTPUT_NAME)
+        input_record = TensorRecord(adapter.INPUT_NAME, ["batch", *inputs[0].shape[1:]])
+        with TrtRunner(folder / ENGINE_FILE, input_record, TensorRecord(adapter.OUTPUT_NAME, ["batch", None]),
                        self.config.batch[2], backend, library, contexts=1) as runner:
             closeness = compare_logits([runner.infer(x) for x in inputs], expected, self.config.precision)
         verdict = Verdict.PASSED if closeness.passed else Verdict.FAILED
         return EngineParity(verdict, "; ".join(closeness.failures("engine logits")) or None, closeness.as_dict())
 
 
-def _num_outputs(model: torch.nn.Module, info) -> int:
+def _num_outputs(model: torch.nn.Module, info, parity: ParityReport | None) -> int:
+    """The head's width: from the gate's eager logits when it ran, else one forward of one image."""
+    if parity is not None:
+        return int(parity.golden[1].shape[-1])
     with torch.no_grad():
         return int(model(torch.zeros(1, 3, info.img_size, info.img_size)).shape[-1])
 
