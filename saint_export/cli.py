@@ -4,6 +4,8 @@
     saint-export calibrate vit_b16 --weights random --output calib.json
     saint-export check engines/vit_b16-early50
     saint-export infer engines/vit_b16-early50 photo.jpg photos/
+    saint-export triton engines/vit_b16-early50 --repository triton-repo
+    saint-export serve engines/vit_b16-early50
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .config import DEFAULT_OPSET, PRECISIONS, TARGETS
 from .errors import BackendError, GateFailed, InputError
 
 EXIT_OK, EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-COMMANDS = ("export", "calibrate", "check", "infer", "eval")
+COMMANDS = ("export", "calibrate", "check", "infer", "eval", "triton", "serve")
 
 
 class TqdmProgress:
@@ -119,7 +121,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="classes to print per image (default 5)")
     p.add_argument("--allow-unverified", action="store_true", help="run a folder that did not pass a parity gate")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+    p = sub.add_parser("triton", help="write a Triton model repository for production (NGC Triton container)")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--repository", type=Path, required=True, help="model repository folder to write")
+    _served_model_arguments(p)
+    p.add_argument("--plugin-lib", type=Path, help="static-registration plugin library, when the folder has none")
+    p.add_argument("--no-check", action="store_true", help="skip Triton's own configuration checks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+    p = sub.add_parser("serve", help="serve an exported folder on Triton (HTTP, gRPC, metrics) until Ctrl-C")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    _served_model_arguments(p)
+    p.add_argument("--backend", default="auto", help="runtime backend inside the server: auto | tensorrt | "
+                   "onnxruntime | onnxruntime-cpu | onnxruntime-cuda (default auto)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads per instance (default: one per core)")
+    p.add_argument("--top", type=int, default=5, help="classes returned by the image model (default 5)")
+    p.add_argument("--allow-unverified", action="store_true", help="serve a folder that did not pass a parity gate")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return parser
+
+
+def _served_model_arguments(p: argparse.ArgumentParser) -> None:
+    from .serving.configs import DEFAULT_QUEUE_DELAY_US
+
+    p.add_argument("--model-name", default="saint", help="Triton model name (default saint)")
+    p.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    p.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                   help=f"dynamic batching: longest wait for a fuller batch (default {DEFAULT_QUEUE_DELAY_US} µs)")
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         return {"export": export, "calibrate": calibrate, "check": check, "infer": infer,
-                "eval": evaluate}[args.command](args)
+                "eval": evaluate, "triton": triton, "serve": serve}[args.command](args)
     except KeyboardInterrupt:
         _err("saint-export: interrupted; nothing was written")
         return EXIT_INTERRUPTED
@@ -280,12 +313,12 @@ def infer(args) -> int:
         t0 = time.perf_counter()
         logits = runner.infer(images.pixel_values)
         seconds = time.perf_counter() - t0
-    probabilities = _softmax(logits)
-    for path, row in zip(images.paths, probabilities):
+    indices, probabilities = runtime.top_k(logits, min(args.top, logits.shape[-1]))
+    for path, classes, row in zip(images.paths, indices, probabilities):
         print(path)
-        for index in row.argsort()[::-1][:args.top]:
+        for index, probability in zip(classes, row):
             name = labels[index] if labels else f"class {index}"
-            print(f"  {row[index]:7.2%}  {index:>5}  {name}")
+            print(f"  {probability:7.2%}  {index:>5}  {name}")
     for note in runner.notes:
         _err(note)
     print(f"{len(images.paths)} images in {seconds:.2f} s ({len(images.paths) / seconds:.1f} images/s) on "
@@ -293,11 +326,46 @@ def infer(args) -> int:
     return EXIT_OK
 
 
-def _softmax(logits):
-    import numpy as np
+def triton(args) -> int:
+    from . import serving
 
-    shifted = np.exp(logits - logits.max(-1, keepdims=True))
-    return shifted / shifted.sum(-1, keepdims=True)
+    repository = serving.write_repository(args.folder, args.repository, args.model_name, instances=args.instances,
+                                          queue_delay_us=args.max_queue_delay_us, plugin_library=args.plugin_lib,
+                                          check=not args.no_check)
+    print(f"wrote Triton model repository {repository.path}")
+    for name, what in repository.models.items():
+        print(f"  {name}: {what}")
+    for note in repository.notes:
+        print(f"  note: {note}")
+    if repository.checked:
+        print(f"  {repository.checked}")
+    print(f"  run it (see {repository.path / 'README.md'}): {repository.launch}")
+    return EXIT_OK
+
+
+def serve(args) -> int:
+    from . import serving
+
+    service = serving.Service(args.folder, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port, model_name=args.model_name, instances=args.instances,
+                              queue_delay_us=args.max_queue_delay_us, backend=args.backend,
+                              allow_unverified=args.allow_unverified, threads=args.threads, top_k=args.top)
+    _err(f"starting Triton for {args.folder} …")
+    try:
+        service.start()
+        print(serving.describe(service), flush=True)
+        code = service.server.process.wait()
+        errors = serving.server.log_errors(service.server.log())
+        raise BackendError(f"Triton stopped unexpectedly (exit {code}): {errors[-1] if errors else 'see its log'}")
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not interrupt the shutdown
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _err("stopping Triton …")
+        service.stop()
+        _err("stopped")
+        return EXIT_OK
+    finally:
+        service.stop()
 
 
 if __name__ == "__main__":

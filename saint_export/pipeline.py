@@ -232,11 +232,16 @@ class _Export:
         elif config.plugin_library != "none":
             library = Path(config.plugin_library)
         if library is not None:  # shipped inside the folder: the engine needs exactly this library to load
+            library_source = library
             shutil.copy2(library, folder / plugin.LIBRARY)
             library = folder / plugin.LIBRARY
             files.append(library)
             plugin_record = PluginRecord(plugin.LIBRARY, artifacts.sha256(library), spec.OP_TYPE,
                                          spec.PLUGIN_VERSION, spec.DOMAIN)
+            static = library_source.with_name(plugin.STATIC_LIBRARY)
+            if static.is_file():  # the same plugin, registering itself when loaded: what Triton needs
+                shutil.copy2(static, folder / plugin.STATIC_LIBRARY)
+                files.append(folder / plugin.STATIC_LIBRARY)
         cache = config.timing_cache or plugin.cache_dir() / f"timing-{backend.name}-{backend.version}.cache"
         implementation = "plugin" if library else "ONNX function"
         with self.step("engine", f"building {backend.name} {backend.version} engine ({spec.OP_TYPE} as "

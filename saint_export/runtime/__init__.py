@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..artifacts import sha256
 from ..errors import BackendError, InputError
 from ..images import Images, Preprocess, load_images
@@ -21,18 +23,19 @@ from .runners import OrtRunner, Runner, TrtRunner
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda")
 
-__all__ = ["open", "check_folder", "check_engine", "Runner", "Manifest", "Preprocess", "Images", "load_images",
+__all__ = ["open", "check_folder", "check_engine", "top_k", "Runner", "Manifest", "Preprocess", "Images", "load_images",
            "BACKENDS", "InputError", "BackendError"]
 
 
 def open(folder, backend: str = "auto", *, allow_unverified: bool = False, plugin_library=None,
-         contexts: int = 2) -> Runner:  # noqa: A001  (rt.open, like gzip.open)
+         contexts: int = 2, threads: int | None = None) -> Runner:  # noqa: A001  (rt.open, like gzip.open)
     """A runner for an exported folder, after `check_folder`.
 
     backend: auto | tensorrt | onnxruntime (CUDA where available) | onnxruntime-cpu | onnxruntime-cuda.
     allow_unverified: run a folder exported without its parity gate.
     plugin_library: the SimilarityTopK library to load instead of the folder's copy (same sha256).
     contexts: TensorRT execution contexts in the pool (concurrent `infer` calls).
+    threads: ONNX Runtime intra-op threads (default: ONNX Runtime's, one per core).
     """
     if backend not in BACKENDS:
         raise InputError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -50,7 +53,8 @@ def open(folder, backend: str = "auto", *, allow_unverified: bool = False, plugi
             notes.append(f"TensorRT not used: {err}")
     if runner is None:
         device = {"onnxruntime-cpu": "cpu", "onnxruntime-cuda": "cuda"}.get(backend, "auto")
-        runner = OrtRunner(folder / manifest.onnx["file"], manifest.input, manifest.output, manifest.batch[2], device)
+        runner = OrtRunner(folder / manifest.onnx["file"], manifest.input, manifest.output, manifest.batch[2], device,
+                           threads)
     runner.notes = notes + runner.notes
     runner.folder, runner.manifest = folder, manifest
     return runner
@@ -115,3 +119,14 @@ def check_engine(folder: Path, manifest: Manifest | None = None, plugin_library=
                          f"{current}")
     return engine, backend, library
 
+
+
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [B, classes] → the k most probable classes per row, most probable first: (class
+    indices int64 [B, k], softmax probabilities float32 [B, k])."""
+    if k < 1:
+        raise InputError(f"top-k must be ≥ 1, got {k}")
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities = (shifted / shifted.sum(-1, keepdims=True)).astype(np.float32)
+    indices = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    return indices.astype(np.int64), np.take_along_axis(probabilities, indices, -1)

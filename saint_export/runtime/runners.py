@@ -68,7 +68,8 @@ class OrtRunner(Runner):
     """ONNX Runtime. One session serves every thread: `InferenceSession.run` is thread-safe
     (onnxruntime's threading documentation), and one session keeps one copy of the weights."""
 
-    def __init__(self, path: Path, input: TensorRecord, output: TensorRecord, max_batch: int, device: str = "auto"):
+    def __init__(self, path: Path, input: TensorRecord, output: TensorRecord, max_batch: int, device: str = "auto",
+                 threads: int | None = None):
         super().__init__(path, input, output, max_batch)
         import onnxruntime as ort
 
@@ -81,7 +82,7 @@ class OrtRunner(Runner):
             raise InputError(f"backend onnxruntime-cuda needs onnxruntime-gpu; this ONNX Runtime offers "
                              f"{', '.join(available)}")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
-        self.session = ort_session(self.path, providers)
+        self.session = ort_session(self.path, providers, threads)
         active = self.session.get_providers()
         # onnxruntime-gpu falls back to the CPU silently when CUDA libraries are missing: ask the session.
         if want_cuda and active[0] != "CUDAExecutionProvider":
@@ -98,12 +99,14 @@ class OrtRunner(Runner):
         super().close()
 
 
-def ort_session(path: Path, providers: list[str] | None = None):
+def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
     """An ONNX Runtime session that reports a failure in one line."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types, with the reason in the text
