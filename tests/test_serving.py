@@ -427,3 +427,10 @@ def test_top_k_is_sorted_softmax():
 def test_installed_distribution_has_the_server_and_our_python_stub():
     dist = serving.server.distribution()
     assert dist.binary.is_file() and dist.stub().is_file()
+
+
+def test_serving_imports_leave_torch_unimported():
+    code = ("import sys, saint_export.serving, saint_export.serving.repository, saint_export.serving.configs; "
+            "print(sorted(m for m in ('torch', 'timm', 'onnxscript') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
