@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 
-ADAPTERS = ("timm_vit",)  # modules of this package, asked in order
-SUPPORTED = ("timm VisionTransformer-family models (ViT, DeiT, DeiT-III, register and distilled variants)")
+ADAPTERS = ("timm_vit", "hf_vision")  # modules of this package, asked in order
+SUPPORTED = ("timm VisionTransformer-family models (ViT, DeiT, DeiT-III, register and distilled variants) and "
+             "transformers CLIP/SigLIP vision towers and LLaVA")
 
 
 @dataclass(frozen=True)

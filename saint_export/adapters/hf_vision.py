@@ -1,0 +1,173 @@
+"""transformers vision towers: CLIP and SigLIP (with or without projection), and the tower inside
+LLaVA (docs/vlm.md).
+
+Pruning encoder layers become a subclass of their own class (a class swap: parameters, state_dict
+and transformers' hidden-state capture, which matches layers by isinstance, stay as they are)
+whose forward selects tokens after the attention residual, before layer_norm2 and the MLP.
+Attention stays whatever the config says (SDPA by default): the keys are read off `k_proj` by a
+forward hook, averaged over heads, as the timm adapter does. CLIP's CLS token is protected;
+SigLIP has none. Survivors are put back in ascending (spatial) order, because a LLaVA language
+model sees the image features as a sequence.
+
+For LLaVA the schedule covers the tower's layers up to the one whose output LLaVA takes
+(`vision_feature_layer`): later layers' outputs are discarded.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core import gather_tokens
+from ..errors import InputError
+from ..images import Preprocess
+from . import ModelInfo, unsupported
+
+family = "transformers"
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "image_features"
+
+# OpenAI CLIP's normalisation (CLIPImageProcessor defaults); SigLIP uses 0.5 / 0.5.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def resolve_name(name: str) -> str | None:
+    """transformers models are not created by name yet: pass a loaded model to `apply`."""
+    return None
+
+
+def known_names() -> list[str]:
+    return []
+
+
+def _classes():
+    from transformers import (CLIPVisionModel, CLIPVisionModelWithProjection, LlavaForConditionalGeneration,
+                              LlavaModel, SiglipVisionModel)
+    return CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel, LlavaModel, LlavaForConditionalGeneration
+
+
+def matches(model: torch.nn.Module) -> bool:
+    try:
+        return isinstance(model, _classes())
+    except ImportError:  # transformers not installed: not this family
+        return False
+
+
+def tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding embeddings and encoder: the model itself, the vision model inside a
+    projection variant, or LLaVA's vision tower."""
+    found = getattr(getattr(model, "model", model), "vision_tower", model)
+    return getattr(found, "vision_model", found)
+
+
+def is_llava(model: torch.nn.Module) -> bool:
+    return hasattr(getattr(model, "model", model), "vision_tower")
+
+
+def layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return tower(model).encoder.layers
+
+
+def num_protected(model: torch.nn.Module) -> int:
+    """1 for CLIP (its CLS token), 0 for SigLIP (no class token)."""
+    return 1 if tower(model).config.model_type.startswith("clip") else 0
+
+
+def feature_depth(model: torch.nn.Module) -> int:
+    """The layers whose output reaches the features: all of a tower's; LLaVA's up to its feature
+    layer (hidden_states[i] is the output of layer i - 1)."""
+    total = len(layers(model))
+    if not is_llava(model):
+        return total
+    layer = model.config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise unsupported(f"{type(model).__name__} with several vision feature layers {layer} (pruning between "
+                          "them would break their concatenation)")
+    index = layer % (total + 1)
+    if index == 0:
+        raise unsupported(f"{type(model).__name__} taking the tower's embeddings (vision_feature_layer {layer})")
+    return index
+
+
+def describe(model: torch.nn.Module) -> ModelInfo:
+    config = tower(model).config
+    if config.image_size % config.patch_size:
+        raise unsupported(f"{type(model).__name__} with image size {config.image_size} not a multiple of its patch "
+                          f"size {config.patch_size}")
+    return ModelInfo(depth=feature_depth(model), num_patches=(config.image_size // config.patch_size) ** 2,
+                     num_protected=num_protected(model), embed_dim=config.hidden_size,
+                     mlp_ratio=config.intermediate_size / config.hidden_size, img_size=config.image_size,
+                     patch_size=config.patch_size)
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def saint_layer_class(base: type) -> type:
+    """`base` (CLIPEncoderLayer, SiglipEncoderLayer) with SAINT between attention and MLP."""
+    if base not in _SUBCLASSES:
+        _SUBCLASSES[base] = type(f"Saint{base.__name__}", (base,), {"forward": _saint_forward,
+                                                                   "__module__": __name__})
+    return _SUBCLASSES[base]
+
+
+def _saint_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers 5.x CLIPEncoderLayer / SiglipEncoderLayer forward with the selection after the
+    attention residual (the two classes have the same forward)."""
+    if attention_mask is not None:
+        raise InputError("SAINT pruning layers do not support attention masks")
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=None, **kwargs)
+    hidden_states = residual + hidden_states
+    keys = self.saint_keys.pop()  # [B, N, heads * d] from the k_proj hook
+    batch, tokens, _ = keys.shape
+    keys = keys.view(batch, tokens, self.self_attn.num_heads, -1).mean(2)
+    keep_index = self.saint_dropper(keys)
+    if keep_index is not None:
+        hidden_states = gather_tokens(hidden_states, keep_index.sort(dim=1).values)
+    residual = hidden_states
+    hidden_states = self.mlp(self.layer_norm2(hidden_states))
+    return residual + hidden_states
+
+
+def patch(model: torch.nn.Module, droppers: dict) -> None:
+    for index, dropper in droppers.items():
+        layer = layers(model)[index]
+        layer.__class__ = saint_layer_class(type(layer))
+        layer.saint_dropper = dropper
+        layer.saint_keys = []
+        layer.self_attn.k_proj.register_forward_hook(lambda module, args, out, layer=layer: layer.saint_keys.append(out))
+    schedule = next(iter(droppers.values())).state.schedule if droppers else None
+    if is_llava(model) and schedule is not None and schedule.drops is not None:
+        from .. import vlm
+
+        vlm.install(model, *image_token_counts(model, sum(schedule.drops)))
+
+
+def image_token_counts(model: torch.nn.Module, dropped: int) -> tuple[int, int]:
+    """LLaVA's image features per image: (unpruned, after `dropped` tokens are gone). The
+    'default' strategy removes the tower's first token (CLS), 'full' keeps every token."""
+    info = describe(model)
+    removed = 1 if model.config.vision_feature_select_strategy == "default" else 0
+    tokens = info.num_patches + info.num_protected - removed
+    return tokens, tokens - dropped
+
+
+def low_precision_modules(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for m in layers(model).modules() if isinstance(m, torch.nn.Linear)]
+
+
+def preprocess(model: torch.nn.Module) -> Preprocess:
+    """The checkpoints' image processors: CLIP resizes the shorter side to the input size, centre
+    crops and uses OpenAI's mean and std; SigLIP resizes to the square input size (modelled here as
+    a centre crop of the resized shorter side) with mean = std = 0.5."""
+    size = describe(model).img_size
+    if num_protected(model):
+        return Preprocess(size=size, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0, interpolation="bicubic")
+    return Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, interpolation="bicubic")
+
+
+def label_names(model: torch.nn.Module) -> None:
+    return None
+
+
+def class_indices(model: torch.nn.Module, class_names) -> dict[str, int]:
+    raise InputError(f"{type(model).__name__} has no classification head: accuracy on class folders needs a classifier")

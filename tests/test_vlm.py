@@ -1,0 +1,206 @@
+"""SAINT in transformers vision towers (CLIP, SigLIP) and in LLaVA's tower (ViT-only mode), on tiny
+random configs (no hub)."""
+import numpy as np
+import pytest
+import torch
+from reference_saint import saint_drop_reference
+
+import saint_export as se
+from saint_export import _compat
+
+_compat.import_torchvision()  # before transformers' image utilities (CPU torch, CUDA torchvision)
+
+from transformers import (CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection,  # noqa: E402
+                          LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig,
+                          SiglipVisionModel)
+
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
+             patch_size=4)  # 8 x 8 = 64 patches
+TOWERS = {"clip": (CLIPVisionModel, CLIPVisionConfig), "clip-projection": (CLIPVisionModelWithProjection,
+                                                                           CLIPVisionConfig),
+          "siglip": (SiglipVisionModel, SiglipVisionConfig)}
+IMAGE_TOKEN = 100
+
+
+def make_tower(kind, seed=0):
+    cls, config = TOWERS[kind]
+    torch.manual_seed(seed)
+    return cls(config(**TOWER)).eval()
+
+
+def pixels(batch, seed=1):
+    """Images with flat regions (similar keys, so SAINT has something to drop) plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.rand(batch, 3, 4, 4, generator=g).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    return blocks + 0.05 * torch.randn(batch, 3, 32, 32, generator=g)
+
+
+def encoder_layers(model):
+    return getattr(model, "vision_model", model).encoder.layers
+
+
+def last_hidden(model, x):
+    with torch.no_grad():
+        return model(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+
+
+@torch.no_grad()
+def reference_tower(model, x, tau, prune_layers, protected):
+    """The tower run by hand from its unpatched layers with the released method's dynamic rule
+    (tests/reference_saint.py), survivors in ascending order. Returns (last hidden state, keeps)."""
+    inner = getattr(model, "vision_model", model)
+    h = inner.embeddings(x)
+    if hasattr(inner, "pre_layrnorm"):
+        h = inner.pre_layrnorm(h)
+    keeps = []
+    for index, layer in enumerate(encoder_layers(model)):
+        normed = layer.layer_norm1(h)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            *(proj(normed).view(len(h), h.shape[1], 2, -1).transpose(1, 2)
+              for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)))
+        h = h + layer.self_attn.out_proj(attended.transpose(1, 2).reshape(h.shape))
+        if index in prune_layers:
+            keys = layer.self_attn.k_proj(normed).view(len(h), h.shape[1], 2, -1).mean(2)
+            r, keep = saint_drop_reference(keys.numpy(), protected, tau)
+            keeps.append(keep)
+            if keep is not None:
+                index_ = torch.from_numpy(np.sort(keep, axis=1))
+                h = torch.gather(h, 1, index_[..., None].expand(-1, -1, h.shape[-1]))
+        h = h + layer.mlp(layer.layer_norm2(h))
+    return h, keeps
+
+
+@pytest.mark.parametrize("kind", list(TOWERS))
+def test_none_is_bit_identical_and_attention_stays_sdpa(kind):
+    x = pixels(2)
+    want = last_hidden(make_tower(kind), x)
+    model = se.apply(make_tower(kind), "none")
+    assert torch.equal(last_hidden(model, x), want)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("kind", list(TOWERS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dynamic_matches_the_independent_reference(kind, batch):
+    x = pixels(batch)
+    model = se.apply(make_tower(kind), "dynamic", tau=0.5)
+    protected = 0 if kind == "siglip" else 1
+    with se.record_kept(model) as trace:
+        got = last_hidden(model, x)
+    want, keeps = reference_tower(make_tower(kind), x, 0.5, prune_layers={0, 1}, protected=protected)
+    dropped = [k.dropped for k in trace]
+    assert sum(dropped) > 0, "the test images must make the dynamic rule drop tokens"
+    for kept, keep in zip(trace, keeps):
+        if keep is None:
+            assert kept.dropped == 0
+        else:
+            assert (kept.keep_index.numpy() == keep).all()
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(TOWERS))
+def test_static_budgets_set_to_the_dynamic_choice_reproduce_it(kind):
+    x = pixels(3)
+    dynamic = se.apply(make_tower(kind), "dynamic", tau=0.5)
+    with se.record_kept(dynamic) as trace:
+        want = last_hidden(dynamic, x)
+    drops = [k.dropped for k in trace]
+    static = se.apply(make_tower(kind), "r:" + ",".join(map(str, drops)), tau=0.5)
+    assert torch.equal(last_hidden(static, x), want)
+
+
+@pytest.mark.parametrize("kind", list(TOWERS))
+@pytest.mark.parametrize("schedule", ["early50", "early75@1", "r:8,4,2"])
+def test_static_schedules_prune_each_image_as_if_alone(kind, schedule):
+    x = pixels(3)
+    model = se.apply(make_tower(kind), schedule)
+    together = last_hidden(model, x)
+    protected = 0 if kind == "siglip" else 1
+    expected = 64 - sum(model.saint.schedule.drops) + protected
+    assert together.shape == (3, expected, 32)
+    for i in range(3):
+        assert torch.allclose(last_hidden(model, x[i:i + 1]), together[i:i + 1], atol=1e-6, rtol=0)
+    assert not torch.allclose(together, last_hidden(make_tower(kind), x)[:, :expected], atol=1e-3)
+
+
+def test_calibrated_schedule_on_a_tower(tmp_path):
+    path = se.Calibration(model="tiny-clip", depth=4, num_patches=64, tau=0.75, K=5, gamma=10.0, percentile=50.0,
+                          per_image_drops=[[6, 3, 0, 0]], drops=[6, 3, 0, 0]).save(tmp_path / "calib.json")
+    model = se.apply(make_tower("clip"), f"calib:{path}")
+    assert last_hidden(model, pixels(2)).shape == (2, 65 - 9, 32)
+
+
+def tiny_llava(strategy="default", seed=0):
+    torch.manual_seed(seed)
+    text = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**TOWER), text_config=text, image_token_index=IMAGE_TOKEN,
+                         vision_feature_layer=-2, vision_feature_select_strategy=strategy)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def prompts(placeholders):
+    """Two left-padded prompts with one image each."""
+    p1 = [1, 5, 6] + [IMAGE_TOKEN] * placeholders + [7, 8, 9]
+    p2 = [1, 5] + [IMAGE_TOKEN] * placeholders + [7]
+    ids = torch.tensor([p1, [0] * (len(p1) - len(p2)) + p2])
+    return ids, (ids != 0).long()
+
+
+def test_llava_tower_schedule_covers_the_layers_before_the_feature_layer():
+    model = se.apply(tiny_llava(), "r:4,4,4")  # the feature layer is -2: layers 0-2 feed the features
+    assert model.saint.schedule.depth == 3
+    features = model.model.get_image_features(pixel_values=pixels(2), vision_feature_layer=-2,
+                                              vision_feature_select_strategy="default").pooler_output
+    assert [tuple(f.shape) for f in features] == [(64 - 12, 64)] * 2
+    with pytest.raises(se.InputError, match="lists 4 blocks but the model has 3"):
+        se.apply(tiny_llava(), "r:4,4,4,4")
+
+
+def test_llava_vit_only_usual_prompts_equal_kept_count_prompts_in_forward_and_generate():
+    x = pixels(2)
+    model = se.apply(tiny_llava(), "early50")  # 64 patches → 32 features per image
+    kept = 64 - sum(model.saint.schedule.drops)
+    usual_ids, usual_mask = prompts(64)
+    kept_ids, kept_mask = prompts(kept)
+    with torch.no_grad():
+        usual = model(input_ids=usual_ids, attention_mask=usual_mask, pixel_values=x).logits
+        short = model(input_ids=kept_ids, attention_mask=kept_mask, pixel_values=x).logits
+    assert usual.shape == short.shape and torch.equal(usual, short)
+    generated = model.generate(input_ids=usual_ids, attention_mask=usual_mask, pixel_values=x, max_new_tokens=5,
+                               do_sample=False)
+    reference = model.generate(input_ids=kept_ids, attention_mask=kept_mask, pixel_values=x, max_new_tokens=5,
+                               do_sample=False)
+    assert torch.equal(generated[:, :usual_ids.shape[1]], usual_ids)  # the caller's prompt, as given
+    assert torch.equal(generated[:, usual_ids.shape[1]:], reference[:, kept_ids.shape[1]:])
+    unpruned = tiny_llava().generate(input_ids=usual_ids, attention_mask=usual_mask, pixel_values=x,
+                                     max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        base_logits = tiny_llava()(input_ids=usual_ids, attention_mask=usual_mask, pixel_values=x).logits
+    assert unpruned.shape == generated.shape and not torch.allclose(base_logits[:, -1], usual[:, -1], atol=1e-4)
+
+
+def test_llava_none_equals_the_unpatched_model():
+    x = pixels(2)
+    ids, mask = prompts(64)
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=x)
+    with torch.no_grad():
+        assert torch.equal(se.apply(tiny_llava(), "none")(**kwargs).logits, tiny_llava()(**kwargs).logits)
+    assert torch.equal(se.apply(tiny_llava(), "none").generate(**kwargs, max_new_tokens=4, do_sample=False),
+                       tiny_llava().generate(**kwargs, max_new_tokens=4, do_sample=False))
+
+
+def test_llava_prompt_with_a_wrong_placeholder_count_is_refused():
+    model = se.apply(tiny_llava(), "early50")
+    ids, mask = prompts(40)
+    with pytest.raises(se.InputError, match="80 image placeholders for 2 images: expected 64 per image"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels(2))
+
+
+def test_unsupported_transformers_model_gets_one_line():
+    from transformers import BertConfig, BertModel
+
+    with pytest.raises(se.InputError, match="unsupported model BertModel"):
+        se.apply(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64)), "early50")
