@@ -67,12 +67,16 @@ class TokenDropper:
 
 
 def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50", tau: float = core.TAU,
-          K: int = core.VOTE_K, gamma: float = core.GAMMA) -> torch.nn.Module:
+          K: int = core.VOTE_K, gamma: float = core.GAMMA, *, llm_schedule: str | None = None,
+          llm_tau: float | None = None) -> torch.nn.Module:
     """Apply SAINT to `model` in place and return it.
 
-    `keep_schedule` is a schedule string (docs/keep-schedules.md) or a resolved `KeepSchedule`.
-    Blocks that drop nothing keep their original forward, so `none` gives the unpatched model's
-    outputs.
+    `keep_schedule` is a schedule string (docs/keep-schedules.md) or a resolved `KeepSchedule`,
+    for the vision blocks (a ViT, or a VLM's vision tower). Blocks that drop nothing keep their
+    original forward, so `none` gives the unpatched model's outputs.
+
+    `llm_schedule` (LLaVA only, docs/vlm.md) drops image tokens inside the language model during
+    prefill, with τ = `llm_tau` (default: the reference's 0.83) and the same K and γ.
     """
     if getattr(model, "saint", None) is not None:
         raise InputError("model already has SAINT applied; create a fresh model to change the schedule")
@@ -80,6 +84,14 @@ def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50",
     info = adapter.describe(model)
     check_hyperparameters(tau, K, gamma)
     schedule = KeepSchedule.for_model(keep_schedule, info)
+    if llm_schedule is not None:
+        from . import llm
+
+        if not getattr(adapter, "is_llava", lambda m: False)(model):
+            raise InputError(f"an LLM schedule needs a LLaVA model, not {type(model).__name__}")
+        llm_tau = llm.REFERENCE_TAU if llm_tau is None else llm_tau
+        check_hyperparameters(llm_tau, K, gamma)
+        resolved_llm = llm.resolve(llm_schedule, model, None if schedule.drops is None else sum(schedule.drops))
     state = SaintState(schedule, float(tau), int(K), float(gamma))
     counts = schedule.patch_counts()
     droppers = {}
@@ -88,6 +100,8 @@ def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50",
         tokens_in = None if drop is None else counts[block] + info.num_protected
         droppers[block] = TokenDropper(block, drop, tokens_in, state)
     adapter.patch(model, droppers)
+    if llm_schedule is not None:
+        llm.install(model, resolved_llm, llm_tau, K, gamma)
     model.saint = state
     return model
 

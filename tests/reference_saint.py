@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def saint_drop_reference(keys, num_protected, tau=0.75, K=5, gamma=10.0):
-    """keys [B, N, d] (numpy) → (r, keep [B, N − r] or None when r == 0). §2.4–2.8, line by line."""
+def saint_drop_reference(keys, num_protected, tau=0.75, K=5, gamma=10.0, drop=None):
+    """keys [B, N, d] (numpy) → (r, keep [B, N − r] or None when r == 0). §2.4–2.8, line by line.
+    `drop`: a static r instead of the batch-mean rule."""
     m = keys[:, num_protected:].astype(np.float64)
     m = m / np.linalg.norm(m, axis=-1, keepdims=True)
     a, b = m[:, 0::2], m[:, 1::2]
@@ -18,7 +19,7 @@ def saint_drop_reference(keys, num_protected, tau=0.75, K=5, gamma=10.0):
     tau32, gamma32 = float(np.float32(tau)), float(np.float32(gamma))
     v = sim >= tau32
     c = v.sum(-1)
-    r = int(np.mean((c >= K).sum(-1)))  # one r for the batch, truncated
+    r = int(np.mean((c >= K).sum(-1))) if drop is None else drop  # one r for the batch, truncated
     if r <= 0:
         return 0, None
     sbar = (sim * v).sum(-1) / np.maximum(c, 1)

@@ -33,8 +33,11 @@ def rtx_plugin_engine(tmp_path_factory):
 def test_rtx_engine_with_plugin(rtx_plugin_engine):
     files = sorted(p.name for p in rtx_plugin_engine.iterdir())
     assert files == ["engine.plan", "golden_inputs.json", "golden_outputs.json", "labels.txt",
-                     "libsaint_similarity_topk.so", "manifest.json", "model.onnx", "report.json"]
+                     "libsaint_similarity_topk.so", "libsaint_similarity_topk_static.so", "manifest.json",
+                     "model.onnx", "report.json"]
     manifest = json.loads((rtx_plugin_engine / "manifest.json").read_text())
+    # the static-registration build of the same plugin (for Triton), under the folder's checksums
+    assert "libsaint_similarity_topk_static.so" in manifest["files"]
     engine = manifest["engine"]
     assert engine["backend"] == "tensorrt-rtx" and engine["version"] == load_backend("trt-rtx").version
     assert engine["operator_backend"] == "plugin" and engine["plugin_layers"] == 3  # early50 prunes blocks 0–2

@@ -204,3 +204,152 @@ def test_unsupported_transformers_model_gets_one_line():
     with pytest.raises(se.InputError, match="unsupported model BertModel"):
         se.apply(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       intermediate_size=64)), "early50")
+
+
+# --- LLM-side pruning (LLM-only and hybrid) ----------------------------------------------------
+
+
+def _logits(model, ids, mask, x):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, pixel_values=x).logits
+
+
+def _generate(model, ids, mask, x, **kwargs):
+    return model.generate(input_ids=ids, attention_mask=mask, pixel_values=x, max_new_tokens=5,
+                          return_dict_in_generate=True, **kwargs)
+
+
+def test_llm_none_and_tower_none_equal_the_unpatched_model():
+    x, (ids, mask) = pixels(2), prompts(64)
+    model = se.apply(tiny_llava(), "none", llm_schedule="none")
+    assert torch.equal(_logits(model, ids, mask, x), _logits(tiny_llava(), ids, mask, x))
+    assert torch.equal(_generate(model, ids, mask, x, do_sample=False).sequences,
+                       _generate(tiny_llava(), ids, mask, x, do_sample=False).sequences)
+
+
+@torch.no_grad()
+def masked_reference(model, ids, mask, x, drops, tau):
+    """LLM-side SAINT restated without removing anything: the unpatched model at full length, each
+    layer's attention masked to the tokens still alive, the selection recomputed here from the
+    layer's own post-rotary keys (tests/reference_saint.py, static r). Returns (logits at the
+    tokens alive at the end [B, T', V], kept original positions per pruning layer)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    image = ids == IMAGE_TOKEN
+    batch, length = ids.shape
+    alive = torch.ones(batch, length, dtype=torch.bool)
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    positions = torch.arange(length)[None]
+    features = model.model.get_image_features(pixel_values=x, vision_feature_layer=-2,
+                                              vision_feature_select_strategy="default").pooler_output
+    h = lm.embed_tokens(ids).masked_scatter(image[..., None], torch.cat(list(features)))
+    cos_sin = lm.rotary_emb(h, positions)
+    kept = []
+    for i, layer in enumerate(lm.layers):
+        allowed = causal[None] & alive[:, None, :] & mask.bool()[:, None, :]
+        allowed |= torch.eye(length, dtype=torch.bool)[None]  # padding rows attend themselves (unused)
+        normed = layer.input_layernorm(h)
+        attn = layer.self_attn
+        q = attn.q_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+        groups = q.shape[1] // k.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=allowed[:, None])
+        h = h + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if drops[i]:
+            span = (image & alive).nonzero()[:, 1].view(batch, -1)  # alive image tokens, ascending
+            keys = k.mean(1).gather(1, span[..., None].expand(-1, -1, k.shape[-1]))
+            _, keep = saint_drop_reference(keys.numpy(), 0, tau, drop=drops[i])
+            survivors = span.gather(1, torch.from_numpy(np.sort(keep, 1)))
+            kept.append(survivors)
+            alive &= ~image
+            alive.scatter_(1, survivors, True)
+            alive |= ~image  # text and padding stay
+    logits = model.lm_head(lm.norm(h))
+    index = alive.nonzero()[:, 1].view(batch, -1)
+    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])), kept
+
+
+def test_llm_pruning_equals_an_independent_masking_restatement_at_batch_2_left_padded():
+    x, (ids, mask) = pixels(2), prompts(64)
+    drops = (0, 6, 5, 0)
+    model = se.apply(tiny_llava(), "none", llm_schedule="r:" + ",".join(map(str, drops)), llm_tau=0.5)
+    model.saint_llm.trace = []
+    got = _logits(model, ids, mask, x)
+    want, kept = masked_reference(tiny_llava(), ids, mask, x, drops, 0.5)
+    assert [t[0] for t in model.saint_llm.trace] == [1, 2]
+    for (_, r, positions), survivors in zip(model.saint_llm.trace, kept):
+        assert torch.equal(positions, survivors)
+    assert got.shape == want.shape == (2, ids.shape[1] - 11, 128)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(got[:, -1], _logits(tiny_llava(), ids, mask, x)[:, -1], atol=1e-4)
+
+
+def test_llm_static_budgets_set_to_the_dynamic_choice_reproduce_it():
+    x, (ids, mask) = pixels(2), prompts(64)
+    dynamic = se.apply(tiny_llava(), "none", llm_schedule="dynamic@1-2", llm_tau=0.5)
+    dynamic.saint_llm.trace = []
+    want = _logits(dynamic, ids, mask, x)
+    drops = {layer: r for layer, r, _ in dynamic.saint_llm.trace}
+    assert sum(drops.values()) > 0, "the test prompt must make the dynamic rule drop tokens"
+    static = se.apply(tiny_llava(), "none", llm_schedule=f"r:0,{drops[1]},{drops[2]}", llm_tau=0.5)
+    assert torch.equal(_logits(static, ids, mask, x), want)
+
+
+@pytest.mark.parametrize("tower", ["none", "early50"], ids=["llm-only", "hybrid"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generation_is_deterministic_and_caches_have_the_scheduled_lengths(tower, batch):
+    x = pixels(batch)
+    model = se.apply(tiny_llava(), tower, llm_schedule="span50@1-2", llm_tau=0.5)
+    schedule = model.saint_llm.schedule
+    n = schedule.image_tokens
+    assert n == (64 if tower == "none" else 32)
+    ids, mask = prompts(64)  # the processor's count, also for the pruned tower
+    ids, mask = ids[:batch], mask[:batch]
+    first = _generate(model, ids, mask, x, do_sample=False)
+    second = _generate(model, ids, mask, x, do_sample=False)
+    assert torch.equal(first.sequences, second.sequences)
+    prompt = ids.shape[1] - (64 - n)  # after the tower's cut
+    steps = first.sequences.shape[1] - ids.shape[1] - 1  # the last token is not cached
+    counts = schedule.counts()
+    expected = [prompt - (n - counts[min(i, 3)]) + steps for i in range(4)]
+    assert [layer.keys.shape[2] for layer in first.past_key_values.layers] == expected
+    assert expected[0] - expected[3] == n - n // 2  # the span was brought to 50%
+    torch.manual_seed(3)
+    sampled = _generate(model, ids, mask, x, do_sample=True, top_k=5)
+    torch.manual_seed(3)
+    assert torch.equal(_generate(model, ids, mask, x, do_sample=True, top_k=5).sequences, sampled.sequences)
+
+
+def test_llm_schedule_grammar_and_table():
+    from saint_export.llm import LlmSchedule
+
+    schedule = LlmSchedule.parse("span25@7-16", 32, 576)
+    assert schedule.counts()[7] == 576 and schedule.counts()[17] == 144 and sum(schedule.drops) == 432
+    assert schedule.pruning_layers == list(range(7, 17))
+    table = schedule.table()
+    assert "prefill FLOPs ratio" in table and f"{schedule.prefill_flops_ratio():.3f}" in table
+    assert LlmSchedule.parse("dynamic", 32, 576).dynamic_layers == (7, 16)
+    assert LlmSchedule.parse("r:0,0,10", 32, 576).drops[:4] == (0, 0, 10, 0)
+    for bad, message in [("span50@7-40", "layers 7-40 are not within 0-31"), ("r:0,300", "can drop at most"),
+                         ("keep half", "expected none, dynamic"), ("span0@1-2", "P must be in")]:
+        with pytest.raises(se.InputError, match=message):
+            LlmSchedule.parse(bad, 32, 576)
+
+
+def test_llm_bad_inputs_get_one_clear_error():
+    from transformers import CLIPVisionModel
+
+    with pytest.raises(se.InputError, match=r"LLM schedule 'r:40': layer 0 drops 40 but can drop at most ⌈32/2⌉ = 16 \(the A half of its 32 image"):
+        se.apply(tiny_llava(), "early50", llm_schedule="r:40")  # 32 image tokens reach the LLM
+    with pytest.raises(se.InputError, match="an LLM schedule needs a LLaVA model, not CLIPVisionModel"):
+        se.apply(make_tower("clip"), "none", llm_schedule="r:1")
+    model = se.apply(tiny_llava(), "none", llm_schedule="r:0,4")
+    text_only = torch.tensor([[1, 5, 6, 7]])
+    with pytest.raises(se.InputError, match="this prompt has no image span"):
+        with torch.no_grad():
+            model(input_ids=text_only)

@@ -1,0 +1,270 @@
+"""SAINT inside LLaVA's language model: image tokens dropped during prefill (LLM-only and hybrid
+modes; docs/vlm.md).
+
+After each layer the schedule names, the image tokens of each prompt row (found from the
+placeholder ids, never a constant offset) are scored with the SAINT rule on that layer's
+post-rotary cached keys averaged over key/value heads, with nothing protected inside the span.
+Tokens dropped after layer l are gone from layer l + 1 on; layer l and its cache keep them. Text,
+system and padding tokens are never dropped; survivors keep their original positions (their
+rotary cos/sin are gathered, not recomputed) and stay in ascending order, so causality holds.
+Each later stage gets its own causal mask, sized to its own (shorter) cache, in prefill and at
+every decoding step. No fork of the model code: a pre-hook on LlavaModel reads the image mask,
+one on the language model reads the phase, and the decoder layers are class-swapped.
+
+Supported: DynamicCache with greedy or sampling `generate`, batch ≥ 1 with left padding, the same
+image-token count in every row. Not supported: static caches, beam search, assisted decoding,
+chunked prefill, re-used caches.
+
+LLM schedules (validated before any model work):
+
+| form | meaning |
+| --- | --- |
+| `none` | nothing dropped |
+| `dynamic[@<a>-<b>]` | the reference: after each layer a … b, r = ⌊batch mean of the rows with ≥ K votes⌋ (default layers: the reference's 7–16 of 32, scaled to the depth) |
+| `r:<r0>,<r1>,…` | drop r_i image tokens after layer i |
+| `span<P>@<a>-<b>` | bring the image span to round(P% · n) over layers a … b, as `early<P>` does in the tower |
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from . import core
+from .errors import InputError
+from .schedule import ScheduleError, _early_drops
+from .spec import drop_problem
+
+REFERENCE_TAU = 0.83  # the released code's saint_threshold for the LLM side
+REFERENCE_LAYERS = (7, 16)  # of LLaVA-1.5-7B's 32 decoder layers
+OTHER_TOKENS = 36  # text and system tokens assumed beside the image for the prefill FLOPs ratio
+
+
+@dataclass(frozen=True)
+class LlmSchedule:
+    spec: str
+    depth: int  # decoder layers
+    image_tokens: int  # image tokens per row entering the language model
+    drops: tuple[int, ...] | None  # after each layer; None for dynamic
+    dynamic_layers: tuple[int, int] | None = None  # first and last pruning layer of `dynamic`
+
+    @classmethod
+    def parse(cls, spec: str, depth: int, image_tokens: int) -> "LlmSchedule":
+        text = str(spec).strip()
+        if text == "none":
+            return cls(text, depth, image_tokens, (0,) * depth)
+        match = re.fullmatch(r"dynamic(?:@(\d+)-(\d+))?", text)
+        if match:
+            first, last = (int(match[1]), int(match[2])) if match[1] else _reference_layers(depth)
+            _check_range(text, first, last, depth)
+            return cls(text, depth, image_tokens, None, (first, last))
+        match = re.fullmatch(r"r:(\d+(?:,\d+)*)", text)
+        if match:
+            drops = tuple(int(r) for r in match[1].split(","))
+            if len(drops) > depth:
+                raise ScheduleError(f"LLM schedule {text!r} lists {len(drops)} layers but the language model has {depth}")
+            drops += (0,) * (depth - len(drops))
+        else:
+            match = re.fullmatch(r"span(\d+(?:\.\d+)?)@(\d+)-(\d+)", text)
+            if not match:
+                raise ScheduleError(f"LLM schedule {text!r}: expected none, dynamic[@<a>-<b>], r:<r0>,<r1>,… or "
+                                    "span<P>@<a>-<b> (e.g. span50@7-16)")
+            percent, first, last = float(match[1]), int(match[2]), int(match[3])
+            _check_range(text, first, last, depth)
+            if not 0 < percent <= 100:
+                raise ScheduleError(f"LLM schedule {text!r}: P must be in (0, 100], got {percent:g}")
+            stage = _early_drops(text, percent, last - first + 1, last - first + 1, image_tokens)
+            drops = (0,) * first + tuple(stage) + (0,) * (depth - last - 1)
+        n = image_tokens
+        for layer, r in enumerate(drops):
+            problem = drop_problem(n, r)
+            if problem:
+                problem = problem.replace("patch token", "image token").replace("patches", "image tokens")
+                raise ScheduleError(f"LLM schedule {text!r}: layer {layer} {problem}")
+            n -= r
+        return cls(text, depth, image_tokens, drops)
+
+    @property
+    def pruning_layers(self) -> list[int]:
+        if self.drops is None:
+            return list(range(self.dynamic_layers[0], self.dynamic_layers[1] + 1))
+        return [i for i, r in enumerate(self.drops) if r]
+
+    def counts(self) -> list[int]:
+        """Image tokens entering each layer (static schedules)."""
+        counts = [self.image_tokens]
+        for r in self.drops:
+            counts.append(counts[-1] - r)
+        return counts
+
+    def prefill_flops_ratio(self, other_tokens: int = OTHER_TOKENS) -> float:
+        """Prefill cost of the decoder layers, pruned over unpruned, counting tokens per layer
+        (linear layers dominate; attention's quadratic term is left out)."""
+        if self.drops is None:
+            raise ScheduleError("the prefill FLOPs ratio of a dynamic LLM schedule depends on the data")
+        counts = self.counts()
+        return sum(counts[i] + other_tokens for i in range(self.depth)) / (self.depth * (counts[0] + other_tokens))
+
+    def table(self) -> str:
+        lines = [f"LLM schedule {self.spec!r}: {self.depth} decoder layers, {self.image_tokens} image tokens per row",
+                 f"{'layer':>5}  {'image tokens in':>15}  {'dropped after':>13}"]
+        if self.drops is None:
+            first, last = self.dynamic_layers
+            lines += [f"{i:>5}  {'?':>15}  {'dynamic' if first <= i <= last else '0':>13}" for i in range(self.depth)]
+            lines.append("prefill FLOPs ratio: data-dependent (dynamic)")
+            return "\n".join(lines)
+        counts = self.counts()
+        lines += [f"{i:>5}  {counts[i]:>15}  {r:>13}" for i, r in enumerate(self.drops)]
+        ratio = self.prefill_flops_ratio()
+        lines.append(f"prefill FLOPs ratio (decoder layers, {OTHER_TOKENS} other tokens): {ratio:.3f} "
+                     f"(ideal speed-up {1 / ratio:.2f}x)")
+        return "\n".join(lines)
+
+
+def _reference_layers(depth: int) -> tuple[int, int]:
+    first = round(REFERENCE_LAYERS[0] * depth / 32)
+    last = max(first, min(depth - 2, round(REFERENCE_LAYERS[1] * depth / 32)))
+    return first, last
+
+
+def _check_range(text: str, first: int, last: int, depth: int) -> None:
+    if not 0 <= first <= last < depth:
+        raise ScheduleError(f"LLM schedule {text!r}: layers {first}-{last} are not within 0-{depth - 1}")
+
+
+@dataclass
+class LlmState:
+    """What `install` attached to the model (as `model.saint_llm`)."""
+    schedule: LlmSchedule
+    tau: float
+    vote_k: int
+    gamma: float
+    # While recording, per pruning layer and prefill: (layer, dropped, original positions of the
+    # image tokens kept [B, n - dropped]).
+    trace: list | None = field(default=None, repr=False)
+    run: dict = field(default_factory=dict, repr=False)  # per-forward state
+
+
+def language_model(model):
+    return getattr(model, "model", model).language_model
+
+
+def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float) -> LlmState:
+    from transformers.masking_utils import create_causal_mask
+
+    llava = getattr(model, "model", model)
+    lm = language_model(model)
+    image_token = model.config.image_token_id
+    state = LlmState(schedule, float(tau), int(vote_k), float(gamma))
+    st = state.run
+    pruning = set(schedule.pruning_layers)
+
+    def llava_pre_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1:
+            st["image"] = ids == image_token
+
+    def lm_pre_hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        st["prefill"] = cache is None or cache.get_seq_length() == 0
+        st["mask2d"], st["step"] = kwargs.get("attention_mask"), {}
+        if st["prefill"]:
+            if cache is None and kwargs.get("use_cache") is False:
+                raise InputError("LLM-side SAINT reads each layer's cached keys: run with use_cache=True (the default)")
+            image = st.get("image")
+            embeds = kwargs.get("inputs_embeds")
+            if image is None or embeds is None or image.shape[1] != embeds.shape[1] or not bool(image.any()):
+                raise InputError("LLM-side SAINT needs image placeholders in input_ids: this prompt has no image span")
+            per_row = image.sum(1)
+            if bool((per_row != per_row[0]).any()):
+                raise InputError(f"LLM-side SAINT needs the same number of image tokens in every row, got "
+                                 f"{per_row.tolist()}")
+            if schedule.drops is not None and int(per_row[0]) != schedule.image_tokens:
+                raise InputError(f"the LLM schedule was resolved for {schedule.image_tokens} image tokens per row, "
+                                 f"but the prompt holds {int(per_row[0])}")
+            st.update(stages=[], T=embeds.shape[1], image_now=image,
+                      original=torch.arange(embeds.shape[1], device=embeds.device).expand(len(image), -1))
+        return None
+
+    llava.register_forward_pre_hook(llava_pre_hook, with_kwargs=True)
+    lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        i = self.self_attn.layer_idx
+        stage = next((s for s in reversed(st["stages"]) if s["start"] <= i), None) if "stages" in st else None
+        if stage is not None and st["prefill"]:
+            attention_mask, position_ids, position_embeddings = stage["mask"], stage["pos"], stage["emb"]
+        elif stage is not None:  # decoding: the stage's kept prompt columns plus the generated ones
+            if stage["start"] not in st["step"]:
+                mask2d = None if st["mask2d"] is None else torch.cat([stage["mask2d"], st["mask2d"][:, st["T"]:]], 1)
+                st["step"][stage["start"]] = create_causal_mask(
+                    config=lm.config, inputs_embeds=hidden_states, attention_mask=mask2d,
+                    past_key_values=past_key_values, position_ids=position_ids, layer_idx=stage["start"])
+            attention_mask = st["step"][stage["start"]]
+        hidden_states = type(self).__mro__[1].forward(
+            self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        if st["prefill"] and i in pruning:
+            hidden_states = _prune(self, i, hidden_states, position_ids, position_embeddings, past_key_values, stage)
+        return hidden_states
+
+    def _prune(layer, i, h, position_ids, position_embeddings, cache, stage):
+        batch, length, _ = h.shape
+        image = st["image_now"]
+        n = int(image[0].sum())
+        image_index = image.nonzero()[:, 1].view(batch, n)  # ascending per row
+        keys = cache.layers[i].keys.mean(1)  # post-rotary, averaged over key/value heads: [B, T, d]
+        span_keys = keys.gather(1, image_index[..., None].expand(-1, -1, keys.shape[-1]))
+        keep, vote_rows = core.similarity_topk(span_keys.float(), 0, 0 if schedule.drops is None else schedule.drops[i],
+                                               state.tau, state.vote_k, state.gamma)
+        r = core.dynamic_drop(vote_rows) if schedule.drops is None else schedule.drops[i]
+        if schedule.drops is None:
+            keep = keep[:, r:] if r else keep
+        kept_image = image_index.gather(1, keep.sort(dim=1).values)
+        if state.trace is not None:
+            state.trace.append((i, r, st["original"].gather(1, kept_image)))
+        if r == 0:
+            return h
+        keep_mask = ~image
+        keep_mask.scatter_(1, kept_image, True)
+        index = keep_mask.nonzero()[:, 1].view(batch, -1)  # ascending: causal order is kept
+
+        def gather(x):
+            x = x.expand(batch, *x.shape[1:])
+            return x.gather(1, index.view(batch, -1, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+        h, positions = gather(h), gather(position_ids)
+        embeddings = tuple(gather(e) for e in position_embeddings)
+        previous = stage["mask2d"] if stage is not None else st["mask2d"]
+        mask2d = gather(previous) if previous is not None else None
+        st["image_now"], st["original"] = gather(image), gather(st["original"])
+        mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask2d, past_key_values=cache,
+                                  position_ids=positions, layer_idx=i + 1)
+        st["stages"].append(dict(start=i + 1, mask=mask, pos=positions, emb=embeddings, mask2d=mask2d))
+        return h
+
+    for decoder_layer in lm.layers:
+        base = type(decoder_layer)
+        decoder_layer.__class__ = type(f"Saint{base.__name__}", (base,), {"forward": forward, "__module__": __name__})
+    model.saint_llm = state
+    return state
+
+
+def image_tokens_entering(model, tower_dropped: int | None) -> int | None:
+    """Image tokens per image that reach the language model (None when the tower is dynamic)."""
+    from .adapters.hf_vision import image_token_counts
+
+    if tower_dropped is None:
+        return None
+    return image_token_counts(model, tower_dropped)[1]
+
+
+def resolve(spec: str, model, tower_dropped: int | None) -> LlmSchedule:
+    n = image_tokens_entering(model, tower_dropped)
+    if n is None:
+        raise InputError("an LLM schedule needs a static tower schedule (the image-token count must be known)")
+    depth = language_model(model).config.num_hidden_layers
+    return LlmSchedule.parse(spec, depth, n)
+
