@@ -434,3 +434,20 @@ def test_serving_imports_leave_torch_unimported():
             "print(sorted(m for m in ('torch', 'timm', 'onnxscript') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_serve_reports_a_model_that_fails_inside_the_server_in_one_line(exported, capsys):
+    """ONNX Runtime CUDA on a CPU-only onnxruntime: the served model fails in its initialize, the
+    server exits, and serve says why in one line (no Python traceback from the stub)."""
+    ports = [str(serving.free_port()) for _ in range(3)]
+    code, _, err = run(capsys, "serve", str(exported.folder), "--backend", "onnxruntime-cuda", "--http-port",
+                       ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2])
+    line = only_error_line(err)
+    assert code == 1 and "Triton stopped while starting" in line and "needs onnxruntime-gpu" in line
+    assert "At:" not in line
+    for argv, message in [(["--backend", "tensorrt"], "holds no TensorRT engine"),
+                          (["--backend", "fast"], "backend 'fast': expected one of auto"),
+                          (["--top", "0"], "top-k must be ≥ 1, got 0"), (["--instances", "0"], "instances must be ≥ 1")]:
+        code, _, err = run(capsys, "serve", str(exported.folder), "--http-port", ports[0], "--grpc-port", ports[1],
+                           "--metrics-port", ports[2], *argv)
+        assert code == 2 and message in only_error_line(err)

@@ -16,7 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..runtime import check_folder
+from ..errors import InputError
+from ..runtime import BACKENDS, check_engine, check_folder
 from . import configs
 from .repository import DEFAULT_TOP_K, Repository, write_repository, write_serving_repository
 from .server import TritonServer, check_repository, free_port
@@ -34,6 +35,10 @@ class Service:
                  allow_unverified: bool = False, threads: int | None = None, top_k: int = DEFAULT_TOP_K):
         self.folder = Path(folder)
         self.manifest = check_folder(self.folder, allow_unverified)
+        if backend not in BACKENDS:
+            raise InputError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        if backend == "tensorrt":  # refused here in one line rather than by the model inside the server
+            check_engine(self.folder, self.manifest)
         self.model_name, self.host = model_name, host
         self._options = dict(model_name=model_name, instances=instances, queue_delay_us=queue_delay_us,
                              backend=backend, allow_unverified=allow_unverified, threads=threads, top_k=top_k)
