@@ -159,11 +159,14 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
     state = LlmState(schedule, float(tau), int(vote_k), float(gamma))
     st = state.run
     pruning = set(schedule.pruning_layers)
+    base = type(lm.layers[0])  # LlamaDecoderLayer, or the decoder layer of another language model
+    if any(type(layer) is not base for layer in lm.layers):
+        raise InputError(f"{type(lm).__name__} mixes decoder layer types; LLM-side SAINT needs one")
 
     def llava_pre_hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and ids.shape[1] > 1:
-            st["image"] = ids == image_token
+        if ids is None or ids.shape[1] > 1:  # a prefill (decoding steps keep the prompt's mask)
+            st["image"] = None if ids is None else ids == image_token
 
     def lm_pre_hook(module, args, kwargs):
         cache = kwargs.get("past_key_values")
@@ -203,7 +206,7 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
                     config=lm.config, inputs_embeds=hidden_states, attention_mask=mask2d,
                     past_key_values=past_key_values, position_ids=position_ids, layer_idx=stage["start"])
             attention_mask = st["step"][stage["start"]]
-        hidden_states = type(self).__mro__[1].forward(
+        hidden_states = base.forward(
             self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
         if st["prefill"] and i in pruning:
@@ -217,11 +220,12 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
         image_index = image.nonzero()[:, 1].view(batch, n)  # ascending per row
         keys = cache.layers[i].keys.mean(1)  # post-rotary, averaged over key/value heads: [B, T, d]
         span_keys = keys.gather(1, image_index[..., None].expand(-1, -1, keys.shape[-1]))
-        keep, vote_rows = core.similarity_topk(span_keys.float(), 0, 0 if schedule.drops is None else schedule.drops[i],
-                                               state.tau, state.vote_k, state.gamma)
-        r = core.dynamic_drop(vote_rows) if schedule.drops is None else schedule.drops[i]
-        if schedule.drops is None:
-            keep = keep[:, r:] if r else keep
+        static = schedule.drops is not None
+        keep, vote_rows = core.similarity_topk(span_keys.float(), 0, schedule.drops[i] if static else 0, state.tau,
+                                               state.vote_k, state.gamma)
+        r = schedule.drops[i] if static else core.dynamic_drop(vote_rows)
+        if not static:  # SAINT order with nothing protected: the r best-scored A tokens come first
+            keep = keep[:, r:]
         kept_image = image_index.gather(1, keep.sort(dim=1).values)
         if state.trace is not None:
             state.trace.append((i, r, st["original"].gather(1, kept_image)))
@@ -245,26 +249,18 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
         st["stages"].append(dict(start=i + 1, mask=mask, pos=positions, emb=embeddings, mask2d=mask2d))
         return h
 
+    saint_layer = type(f"Saint{base.__name__}", (base,), {"forward": forward, "__module__": __name__})
     for decoder_layer in lm.layers:
-        base = type(decoder_layer)
-        decoder_layer.__class__ = type(f"Saint{base.__name__}", (base,), {"forward": forward, "__module__": __name__})
+        decoder_layer.__class__ = saint_layer
     model.saint_llm = state
     return state
 
 
-def image_tokens_entering(model, tower_dropped: int | None) -> int | None:
-    """Image tokens per image that reach the language model (None when the tower is dynamic)."""
+def resolve(spec: str, model, tower_dropped: int | None) -> LlmSchedule:
+    """`spec` for LLaVA `model` whose tower drops `tower_dropped` tokens per image (None: dynamic)."""
     from .adapters.hf_vision import image_token_counts
 
     if tower_dropped is None:
-        return None
-    return image_token_counts(model, tower_dropped)[1]
-
-
-def resolve(spec: str, model, tower_dropped: int | None) -> LlmSchedule:
-    n = image_tokens_entering(model, tower_dropped)
-    if n is None:
         raise InputError("an LLM schedule needs a static tower schedule (the image-token count must be known)")
     depth = language_model(model).config.num_hidden_layers
-    return LlmSchedule.parse(spec, depth, n)
-
+    return LlmSchedule.parse(spec, depth, image_token_counts(model, tower_dropped)[1])

@@ -429,13 +429,6 @@ def test_installed_distribution_has_the_server_and_our_python_stub():
     assert dist.binary.is_file() and dist.stub().is_file()
 
 
-def test_serving_imports_leave_torch_unimported():
-    code = ("import sys, saint_export.serving, saint_export.serving.repository, saint_export.serving.configs; "
-            "print(sorted(m for m in ('torch', 'timm', 'onnxscript') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
-
-
 def test_serve_reports_a_model_that_fails_inside_the_server_in_one_line(exported, capsys):
     """ONNX Runtime CUDA on a CPU-only onnxruntime: the served model fails in its initialize, the
     server exits, and serve says why in one line (no Python traceback from the stub)."""

@@ -194,8 +194,7 @@ def write_serving_repository(folder, repository: Path, manifest: Manifest, model
     classifier = result.path / model_name
     classes = manifest.output.shape[-1]
     _python_model(classifier, "Classifier")
-    if labels:
-        _place(Path(labels), classifier / manifest.labels)
+    _labels(folder, manifest, classifier)
     configs.write(configs.model_config(
         model_name, *configs.classifier_tensors(manifest, manifest.labels), max_batch_size=max_batch,
         instances=instances, queue_delay_us=queue_delay_us, backend="python",

@@ -131,10 +131,6 @@ class TritonServer:
         self._workspace: Path | None = None
 
     @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    @property
     def log_path(self) -> Path:
         return self._workspace / "tritonserver.log"
 
