@@ -13,12 +13,13 @@ _EXPORTS = {
     "apply": "patch", "record_kept": "patch", "KeptTokens": "patch",
     "KeepSchedule": "schedule", "ScheduleError": "schedule", "Calibration": "schedule",
     "ExportConfig": "config",
-    "export": "pipeline", "calibrate": "pipeline", "resolve_schedule": "pipeline", "ExportResult": "pipeline",
+    "export": "pipeline", "calibrate": "pipeline", "resolve_schedule": "pipeline", "resolve_llm_schedule": "pipeline",
+    "ExportResult": "pipeline",
     "Progress": "pipeline",
     "evaluate": "evaluate", "evaluate_folder": "evaluate", "Evaluation": "evaluate",
     "SaintError": "errors", "InputError": "errors", "BackendError": "errors", "GateFailed": "errors",
     "Manifest": "manifest",
-    "TAU": "spec", "VOTE_K": "spec", "GAMMA": "spec",
+    "TAU": "spec", "VOTE_K": "spec", "GAMMA": "spec", "LLM_TAU": "spec",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

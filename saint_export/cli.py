@@ -1,6 +1,7 @@
 """`saint-export`: a shell over the library. Each subcommand maps flags to one library call and prints.
 
     saint-export vit_b16 --keep-schedule early50 --weights random     (export is the default subcommand)
+    saint-export llava-1.5-7b --mode hybrid --keep-schedule degree375@19 --llm-schedule dynamic
     saint-export calibrate vit_b16 --weights random --output calib.json
     saint-export check engines/vit_b16-early50
     saint-export infer engines/vit_b16-early50 photo.jpg photos/
@@ -22,6 +23,7 @@ from .errors import BackendError, GateFailed, InputError
 
 EXIT_OK, EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 COMMANDS = ("export", "calibrate", "check", "infer", "eval", "triton", "serve")
+MODES = ("vit", "llm", "hybrid")
 
 
 class TqdmProgress:
@@ -64,9 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
 
     p = sub.add_parser("export", help="model → SAINT → ONNX (→ engine), proven against eager PyTorch")
-    p.add_argument("model", nargs="?", help="alias (vit_b16, vit_h14, …; see --list-models) or a timm model name")
-    p.add_argument("-s", "--keep-schedule", default="early50",
-                   help="none | early<P>[@<B>] | r:<r0>,<r1>,… | calib:<file.json> (default: early50)")
+    p.add_argument("model", nargs="?", help="alias (vit_b16, llava-1.5-7b, …; see --list-models), a timm model "
+                   "name, a transformers hub id or a local checkpoint folder")
+    p.add_argument("-s", "--keep-schedule", help="none | early<P>[@<B>] | r:<r0>,<r1>,… | calib:<file.json> | "
+                   "degree<N>@<L>[/<r0>] (default: early50; none in --mode llm)")
+    p.add_argument("--mode", choices=MODES, default="vit", help="where SAINT prunes a VLM: vit (the vision tower), "
+                   "llm (inside the language model during prefill) or hybrid (both); default vit")
+    p.add_argument("--llm-schedule", help="none | dynamic[@<a>-<b>] | r:<r0>,… | span<P>@<a>-<b> (LLaVA, --mode llm "
+                   "or hybrid; default dynamic). Recorded in the manifest and applied in PyTorch: no LLM runtime "
+                   "drops tokens inside prefill")
+    p.add_argument("--llm-tau", type=float, default=spec.LLM_TAU,
+                   help=f"τ inside the language model (default {spec.LLM_TAU}, the reference's)")
     _model_arguments(p)
     p.add_argument("-o", "--output", type=Path, help="output folder (default: engines/<model>-<schedule>)")
     p.add_argument("--target", choices=TARGETS, default="auto",
@@ -119,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="auto | tensorrt | onnxruntime | onnxruntime-cpu | "
                    "onnxruntime-cuda (default auto)")
     p.add_argument("--top", type=int, default=5, help="classes to print per image (default 5)")
+    p.add_argument("--save", type=Path, help="also write the outputs (logits or image features) to this .npy file")
     p.add_argument("--allow-unverified", action="store_true", help="run a folder that did not pass a parity gate")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
 
@@ -198,28 +209,48 @@ def main(argv: list[str] | None = None) -> int:
 
 def export(args) -> int:
     import saint_export as se
+    from saint_export.adapters import hf_vision
     from saint_export.adapters.timm_vit import ALIASES
 
     if args.list_models:
         print("\n".join(f"{alias:<20} {name}" for alias, name in ALIASES.items()))
+        print("\n".join(f"{alias:<20} {entry['repo']} (transformers)" for alias, entry in hf_vision.checkpoints().items()))
         return EXIT_OK
     if not args.model:
         raise InputError("a model name is required (saint-export MODEL …; see saint-export export --help)")
+    args.keep_schedule, args.llm_schedule = _mode_schedules(args.mode, args.keep_schedule, args.llm_schedule)
     config = se.ExportConfig(
-        keep_schedule=args.keep_schedule, tau=args.tau, K=args.K, gamma=args.gamma, precision=args.precision,
+        keep_schedule=args.keep_schedule, llm_schedule=args.llm_schedule, llm_tau=args.llm_tau, tau=args.tau, K=args.K,
+        gamma=args.gamma, precision=args.precision,
         opset=args.opset, target=args.target, batch=args.batch, verify=not args.no_verify,
         parity_images=args.parity_images, images=tuple(args.images), plugin_library=args.plugin_lib,
         compute_capability=args.compute_capability, timing_cache=args.timing_cache, img_size=args.img_size)
     schedule = se.resolve_schedule(args.keep_schedule, args.model, args.img_size)
+    llm_schedule = se.resolve_llm_schedule(args.llm_schedule, args.model, schedule)
     if args.print_schedule:
-        print(schedule.table())
+        print(schedule.table() + (f"\n\n{llm_schedule.table()}" if llm_schedule else ""))
         return EXIT_OK
-    output = args.output or Path("engines") / f"{args.model}-{_slug(schedule.spec)}"
-    _err(schedule.table())
+    llm_part = "" if args.llm_schedule == "none" else f"-llm-{_slug(args.llm_schedule)}"
+    output = args.output or Path("engines") / f"{_slug(Path(args.model).name)}-{_slug(schedule.spec)}{llm_part}"
+    _err(schedule.table() + (f"\n\n{llm_schedule.table()}" if llm_schedule else ""))
     steps = 3 + config.verify + (config.target != "onnx")  # load, export, [gate], [engine], manifest
     result = se.export(args.model, output, config, weights=args.weights, progress=TqdmProgress(steps))
     _summary(result)
     return EXIT_OK
+
+
+def _mode_schedules(mode: str, keep_schedule: str | None, llm_schedule: str | None) -> tuple[str, str]:
+    """--mode's defaults, and its contradictions refused: vit prunes the tower only, llm the
+    language model only, hybrid both."""
+    if mode == "vit" and llm_schedule not in (None, "none"):
+        raise InputError(f"--mode vit prunes only the vision tower; use --mode llm or hybrid for --llm-schedule "
+                         f"{llm_schedule}")
+    if mode == "llm" and keep_schedule not in (None, "none"):
+        raise InputError(f"--mode llm prunes only inside the language model; use --mode hybrid for --keep-schedule "
+                         f"{keep_schedule}")
+    keep = keep_schedule or ("none" if mode == "llm" else "early50")
+    llm = llm_schedule or ("none" if mode == "vit" else "dynamic")
+    return keep, llm
 
 
 def _slug(text: str) -> str:
@@ -233,8 +264,10 @@ def _summary(result) -> None:
     if parity:
         compared = sum(b["compared"] for b in parity.blocks.values())
         exact = sum(b["order_equal"] for b in parity.blocks.values())
+        selections = (f"; kept tokens exact in {exact}/{compared} block selections" if compared
+                      else "; the degree rule's selections are checked end to end" if schedule.rule == "degree" else "")
         print(f"  parity: passed on {parity.image_runs} image runs (batch {parity.batch_sizes}, {parity.precision}), "
-              f"{parity.logits.summary()}; kept tokens exact in {exact}/{compared} block selections"
+              f"{parity.logits.summary()}{selections}"
               + (f", {len(parity.near_ties)} numerical near-ties (see report.json)" if parity.near_ties else ""))
     else:
         print("  parity: NOT verified (exported with --no-verify)")
@@ -245,6 +278,14 @@ def _summary(result) -> None:
     print("  time: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in result.timings.items()))
     for name in result.files:
         print(f"  {result.folder / name}  ({(result.folder / name).stat().st_size / 1e6:.1f} MB)")
+    features = result.manifest.features
+    if features:
+        print(f"  image features: {features['tokens_per_image']} tokens per image (from "
+              f"{features['unpruned_tokens_per_image']}) of width {features['hidden_size']}; TensorRT-LLM: "
+              f"--max_multimodal_len = max_batch_size × {features['tokens_per_image']} (manifest.json: features)")
+        if "llm_schedule" in features:
+            print(f"  LLM schedule {features['llm_schedule']['spec']}: applied in PyTorch (manifest.json: "
+                  "features.llm_schedule)")
     print(f"  run it: saint-export infer {result.folder} <images>")
 
 
@@ -299,10 +340,14 @@ def check(args) -> int:
 
 
 def infer(args) -> int:
-    from . import runtime
+    import numpy as np
+
+    from . import artifacts, runtime
 
     if args.top < 1:
         raise InputError(f"--top must be ≥ 1, got {args.top}")
+    if args.save:
+        artifacts.check_file_writable(args.save)
     with runtime.open(args.folder, args.backend, allow_unverified=args.allow_unverified) as runner:
         manifest = runner.manifest
         images = runtime.load_images(args.images, manifest.preprocess)
@@ -313,7 +358,16 @@ def infer(args) -> int:
         t0 = time.perf_counter()
         logits = runner.infer(images.pixel_values)
         seconds = time.perf_counter() - t0
-    indices, probabilities = runtime.top_k(logits, min(args.top, logits.shape[-1]))
+    if args.save:
+        artifacts.atomic_write_bytes(args.save, _npy(logits))
+        print(f"wrote {manifest.output.name} {list(logits.shape)} to {args.save}")
+    if logits.ndim > 2:  # image features: no classes to rank
+        for path, features in zip(images.paths, logits):
+            print(f"{path}: {manifest.output.name} {list(features.shape)}, mean norm "
+                  f"{np.linalg.norm(features, axis=-1).mean():.3f}")
+        indices = probabilities = []
+    else:
+        indices, probabilities = runtime.top_k(logits, min(args.top, logits.shape[-1]))
     for path, classes, row in zip(images.paths, indices, probabilities):
         print(path)
         for index, probability in zip(classes, row):
@@ -324,6 +378,16 @@ def infer(args) -> int:
     print(f"{len(images.paths)} images in {seconds:.2f} s ({len(images.paths) / seconds:.1f} images/s) on "
           f"{runner.backend}")
     return EXIT_OK
+
+
+def _npy(array) -> bytes:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def triton(args) -> int:

@@ -34,6 +34,9 @@ class ExportConfig:
     compute_capability: TensorRT-RTX target GPU ("8.9"); default: this machine's GPU, else 8.9.
     timing_cache: TensorRT timing cache file; default: one per backend in the cache folder.
     img_size: input resolution, for models loaded by name (default: the model's).
+    llm_schedule, llm_tau: LLaVA only: SAINT inside the language model during prefill
+        (docs/vlm.md). No LLM runtime drops tokens inside prefill, so it is not in the graph: the
+        manifest records it, with its table, for `saint_export.apply` in PyTorch.
     """
     keep_schedule: str = "early50"
     tau: float = spec.TAU
@@ -50,6 +53,8 @@ class ExportConfig:
     compute_capability: str | None = None
     timing_cache: Path | None = None
     img_size: int | None = None
+    llm_schedule: str = "none"
+    llm_tau: float = spec.LLM_TAU
 
     def __post_init__(self):
         parse_spec(self.keep_schedule)
@@ -75,6 +80,9 @@ class ExportConfig:
             object.__setattr__(self, "compute_capability", parse_compute_capability(self.compute_capability))
         if self.timing_cache is not None:
             object.__setattr__(self, "timing_cache", Path(self.timing_cache))
+        check_hyperparameters(self.llm_tau, self.K, self.gamma)
+        if not isinstance(self.llm_schedule, str):
+            raise InputError(f"LLM schedule must be a string, got {type(self.llm_schedule).__name__}")
         if self.img_size is not None and not (isinstance(self.img_size, int) and self.img_size > 0):
             raise InputError(f"image size must be a positive integer, got {self.img_size!r}")
 

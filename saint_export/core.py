@@ -17,11 +17,16 @@ survives the final rounding to fp32, so identical tokens stay tied and backends 
 τ and γ are used at fp32 precision, as ONNX and TensorRT attributes store them.
 
 `saint_export.ops` states the same computation in ONNX operators; keep the two in step.
+
+The released VLM code prunes LLaVA's CLIP tower with a second rule, `iterative_drop_full_graph`:
+`degree_keep_index` below restates it (its steps: `schedule.degree_steps`) (docs/vlm.md) with its batch-1 limit and
+unstable sort fixed.
 """
 from __future__ import annotations
 
 import torch
 
+from .schedule import DEGREE_R0, degree_steps
 from .spec import GAMMA, TAU, VOTE_K
 # Guards the key normalisation against an all-zero key (the reference divides by the norm
 # alone and would produce NaN); it changes nothing for any key with a norm above 1e-12.
@@ -82,3 +87,30 @@ def dynamic_drop(vote_rows: torch.Tensor) -> int:
 def gather_tokens(x: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
     """x [B, N, C] -> x[b, keep_index[b]] [B, N', C]."""
     return torch.gather(x, 1, keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def degree_keep_index(keys: torch.Tensor, num_protected: int, keep: int, r0: int = DEGREE_R0) -> torch.Tensor:
+    """The reference's ViT-only rule: over the patch tokens' full cosine graph (self-loops
+    included), repeatedly drop the tokens with the highest degree (sum of similarities to the
+    tokens still there) until `keep` remain. Every image on its own; ties drop the lower index
+    first; degrees are fp32 values summed in fp64 (as `redundancy_scores`).
+    Returns [B, num_protected + keep] int64: protected tokens, then survivors in ascending order."""
+    batch, tokens, _ = keys.shape
+    patches = keys[:, num_protected:].double()
+    patches = patches / patches.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
+    alive = torch.arange(tokens - num_protected, device=keys.device).expand(batch, -1)
+    for r in degree_steps(tokens - num_protected, keep, r0):
+        rows = gather_tokens(patches, alive)
+        degree = (rows @ rows.transpose(1, 2)).float().double().sum(-1).float()  # [B, m]
+        # Each token's place in descending degree order, ties by index: counted, not sorted,
+        # because a stable sort does not export and TopK's tie order differs between backends.
+        m = degree.shape[1]
+        position = torch.arange(m, device=keys.device)
+        higher = degree[:, None, :] > degree[:, :, None]
+        tied_before = (degree[:, None, :] == degree[:, :, None]) & (position[None, :] < position[:, None])
+        rank = (higher | tied_before).sum(-1)
+        # The survivors' positions in ascending order: the largest of distinct keys m − position.
+        key = torch.where(rank >= r, m - position, 0)
+        alive = torch.gather(alive, 1, torch.topk(key, m - r, dim=-1).indices)
+    protected = torch.arange(num_protected, device=keys.device).expand(batch, -1)
+    return torch.cat([protected, num_protected + alive], dim=1)

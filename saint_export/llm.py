@@ -34,9 +34,8 @@ import torch
 from . import core
 from .errors import InputError
 from .schedule import ScheduleError, _early_drops
-from .spec import drop_problem
+from .spec import LLM_TAU, drop_problem
 
-REFERENCE_TAU = 0.83  # the released code's saint_threshold for the LLM side
 REFERENCE_LAYERS = (7, 16)  # of LLaVA-1.5-7B's 32 decoder layers
 OTHER_TOKENS = 36  # text and system tokens assumed beside the image for the prefill FLOPs ratio
 

@@ -56,7 +56,8 @@ def architecture(name: str, img_size: int | None = None) -> Architecture:
                                  f"{info.patch_size} of {source_name}")
             model = adapter.create(source_name, pretrained=False, img_size=img_size)
             info = adapter.describe(model)
-    return Architecture(name, source_name, adapter, info, sum(p.numel() for p in model.parameters()))
+    exported = adapter.export_module(model)
+    return Architecture(name, source_name, adapter, info, sum(p.numel() for p in exported.parameters()))
 
 
 def load(arch: Architecture, weights: str = "pretrained", seed: int = 0) -> torch.nn.Module:
@@ -87,8 +88,8 @@ def check_weights(weights: str) -> None:
 
 def _require_hub(source_name: str) -> None:
     """Fail in one line, without a minute of retries, when the model hub is unreachable."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return  # the user wants the local cache
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or Path(source_name).is_dir():
+        return  # the user wants the local cache, or the checkpoint is a local folder
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     url = urllib.parse.urlparse(endpoint)
     try:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import core, ops  # noqa: F401  (ops registers torch.ops.saint.similarity_topk)
+from . import core, ops, spec  # noqa: F401  (ops registers torch.ops.saint.similarity_topk)
 from .adapters import find_adapter
 from .config import check_hyperparameters
 from .errors import InputError
@@ -22,7 +22,7 @@ class KeptTokens(NamedTuple):
     """One pruning block's selection in one forward (what `record_kept` collects)."""
     block: int
     keep_index: torch.Tensor | None  # [B, N - dropped] int64; None where a dynamic block dropped nothing
-    vote_rows: torch.Tensor  # [B] int64: A rows with ≥ K votes
+    vote_rows: torch.Tensor  # [B] int64: A rows with ≥ K votes (zeros for the degree rule)
     keys: torch.Tensor  # [B, N, d]: the block's head-averaged keys
     dropped: int  # tokens this block dropped
 
@@ -52,7 +52,10 @@ class TokenDropper:
         if self.tokens_in is not None and keys.shape[1] != self.tokens_in:
             raise InputError(f"block {self.block} expected {self.tokens_in} tokens but got {keys.shape[1]}: "
                              "the input image size differs from the one the keep schedule was resolved for")
-        if self.drop is None:
+        if s.schedule.rule == "degree":  # plain torch ops: exports without the operator
+            keep = core.degree_keep_index(keys, p, keys.shape[1] - p - self.drop, s.schedule.r0)
+            vote_rows, r = torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device), self.drop
+        elif self.drop is None:
             if torch.compiler.is_compiling():
                 raise InputError(NOT_EXPORTABLE)
             keep, vote_rows = torch.ops.saint.similarity_topk(keys, p, 0, s.tau, s.vote_k, s.gamma)
@@ -89,7 +92,7 @@ def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50",
 
         if not getattr(adapter, "is_llava", lambda m: False)(model):
             raise InputError(f"an LLM schedule needs a LLaVA model, not {type(model).__name__}")
-        llm_tau = llm.REFERENCE_TAU if llm_tau is None else llm_tau
+        llm_tau = spec.LLM_TAU if llm_tau is None else llm_tau
         check_hyperparameters(llm_tau, K, gamma)
         resolved_llm = llm.resolve(llm_schedule, model, None if schedule.drops is None else sum(schedule.drops))
     state = SaintState(schedule, float(tau), int(K), float(gamma))

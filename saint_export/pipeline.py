@@ -86,6 +86,33 @@ def resolve_schedule(keep_schedule, model, img_size: int | None = None) -> KeepS
     return KeepSchedule.for_model(keep_schedule, architecture(model, img_size).info)
 
 
+def resolve_llm_schedule(llm_schedule: str, model, keep_schedule="none"):
+    """An LLM schedule resolved for LLaVA `model` (a name, or a module) whose tower runs the
+    static `keep_schedule` (docs/vlm.md); None for "none". No weights are loaded."""
+    if isinstance(model, torch.nn.Module):
+        arch = Architecture(type(model).__name__, type(model).__name__, find_adapter(model),
+                            find_adapter(model).describe(model), 0)
+    else:
+        arch, model = architecture(model), None
+    schedule = KeepSchedule.for_model(keep_schedule, arch.info)
+    schedule.require_static()
+    return _resolve_llm_schedule(llm_schedule, arch, model, schedule)
+
+
+def _resolve_llm_schedule(llm_schedule: str, arch: Architecture, module, schedule: KeepSchedule):
+    if llm_schedule == "none":
+        return None
+    from . import llm
+
+    probe = module
+    if probe is None:  # a model given by name: its shapes, on the meta device
+        with torch.device("meta"):
+            probe = arch.adapter.create(arch.source_name, pretrained=False, img_size=None)
+    if not getattr(arch.adapter, "is_llava", lambda m: False)(probe):
+        raise InputError(f"an LLM schedule needs a LLaVA model, not {arch.name}")
+    return llm.resolve(llm_schedule, probe, sum(schedule.drops))
+
+
 def export(model, output, config: ExportConfig = ExportConfig(), weights: str | None = None,
            progress: Progress | None = None) -> ExportResult:
     """Export `model` (a model name or alias, or a loaded `nn.Module`, which is patched in place)
@@ -110,11 +137,12 @@ class _Export:
         arch, module = self._resolve_model(model, weights)
         schedule = KeepSchedule.for_model(config.keep_schedule, arch.info)
         schedule.require_static()
+        llm_schedule = _resolve_llm_schedule(self.config.llm_schedule, arch, module, schedule)
         target, compute_capability = self._resolve_target()
         config = self.config = replace(config, target=target, compute_capability=compute_capability)
         artifacts.check_writable(output)  # every check above needed no weights; nothing is written yet
         with artifacts.StagedOutput(output) as staged:
-            result = self._build(arch, module, weights or "pretrained", schedule, staged.path)
+            result = self._build(arch, module, weights or "pretrained", schedule, llm_schedule, staged.path)
             result.folder = staged.commit()
         return result
 
@@ -152,7 +180,8 @@ class _Export:
             self.progress.note("no GPU here: TensorRT-RTX builds for compute capability 8.9")
         return target, cc
 
-    def _build(self, arch: Architecture, module, weights: str, schedule: KeepSchedule, folder: Path):
+    def _build(self, arch: Architecture, module, weights: str, schedule: KeepSchedule, llm_schedule,
+               folder: Path):
         config = self.config
         info = arch.info
         with self.step("load", f"loading {arch.source_name} ({arch.num_params / 1e6:.1f} M parameters"
@@ -163,8 +192,9 @@ class _Export:
             adapter = arch.adapter
             preprocess = adapter.preprocess(model)
             labels = adapter.label_names(model)
+            exported = adapter.export_module(model)
         with self.step("export", f"exporting ONNX (torch.export, opset {config.opset})"):
-            files = export_onnx(model, folder / ONNX_FILE, (3, info.img_size, info.img_size), config.opset)
+            files = export_onnx(exported, folder / ONNX_FILE, (3, info.img_size, info.img_size), config.opset)
         parity = None
         if config.verify:
             images = normalise(synthetic_images(config.parity_images, info.img_size), preprocess)
@@ -176,7 +206,7 @@ class _Export:
             batches = (1, config.batch[1])
             with self.step("parity", f"parity gate: eager vs ONNX Runtime, batch {batches[0]} and {batches[1]}",
                            total=len(images) * 2) as advance:
-                parity = check_onnx_parity(model, files[0], images, batches, lambda done, _: advance(done),
+                parity = check_onnx_parity(exported, files[0], images, batches, lambda done, _: advance(done),
                                            config.precision)
             if not parity.passed:
                 raise GateFailed(parity.table())
@@ -188,6 +218,9 @@ class _Export:
             engine, engine_parity, engine_files = self._engine(folder, adapter)
             files += engine_files
         with self.step("manifest", "writing manifest and report"):
+            features = adapter.features_record(model, sum(schedule.drops))
+            if llm_schedule is not None:
+                features["llm_schedule"] = _llm_record(llm_schedule, config.llm_tau)
             report = {"parity": parity.as_dict() if parity else None,
                       "engine_parity": engine_parity.as_dict() if engine_parity else None,
                       "flops_ratio": schedule.flops_ratio(), "timings_seconds": self.timings}
@@ -196,10 +229,10 @@ class _Export:
                 verified=parity is not None,
                 verification="parity gate passed" if parity else "skipped: exported without verification",
                 model={"name": arch.name, "source_name": arch.source_name, "family": adapter.family,
-                       "weights": _weights_record(weights if module is None else "loaded module"),
+                       "weights": _weights_record(weights if module is None else "loaded module", arch.source_name),
                        "parameters": arch.num_params},
                 input=TensorRecord(adapter.INPUT_NAME, ["batch", 3, info.img_size, info.img_size]),
-                output=TensorRecord(adapter.OUTPUT_NAME, ["batch", _num_outputs(model, info, parity)]),
+                output=TensorRecord(adapter.OUTPUT_NAME, ["batch", *_output_shape(exported, info, parity)]),
                 preprocess=preprocess,
                 keep_schedule=schedule.as_dict(),
                 saint={"tau": config.tau, "K": config.K, "gamma": config.gamma},
@@ -208,7 +241,7 @@ class _Export:
                       "operator": {"domain": spec.DOMAIN, "op_type": spec.OP_TYPE,
                                    "plugin_namespace": spec.DOMAIN, "plugin_version": spec.PLUGIN_VERSION,
                                    "local_function": True}},
-                engine=engine, labels=LABELS_FILE if labels is not None else None,
+                engine=engine, labels=LABELS_FILE if labels is not None else None, features=features,
                 gpu=cuda_device().name if cuda_device() else None, versions=artifacts.versions(),
                 files=artifacts.checksums(folder, [f.name for f in files]))
             manifest.write(folder)
@@ -281,17 +314,29 @@ class _Export:
         return EngineParity(verdict, "; ".join(closeness.failures("engine logits")) or None, closeness.as_dict())
 
 
-def _num_outputs(model: torch.nn.Module, info, parity: ParityReport | None) -> int:
-    """The head's width: from the gate's eager logits when it ran, else one forward of one image."""
+def _output_shape(model: torch.nn.Module, info, parity: ParityReport | None) -> list[int]:
+    """The output's shape after the batch axis (classes, or tokens and width): from the gate's
+    eager outputs when it ran, else one forward of one image."""
     if parity is not None:
-        return int(parity.golden[1].shape[-1])
+        return list(parity.golden[1].shape[1:])
     with torch.no_grad():
-        return int(model(torch.zeros(1, 3, info.img_size, info.img_size)).shape[-1])
+        return list(model(torch.zeros(1, 3, info.img_size, info.img_size)).shape[1:])
 
 
-def _weights_record(weights: str) -> dict:
+def _llm_record(schedule, tau: float) -> dict:
+    """The LLM side of a hybrid or LLM-only export: not in the graph, applied in PyTorch."""
+    return {"spec": schedule.spec, "tau": tau, "depth": schedule.depth, "image_tokens": schedule.image_tokens,
+            "drops": list(schedule.drops) if schedule.drops is not None else None,
+            "prefill_flops_ratio": schedule.prefill_flops_ratio() if schedule.drops is not None else None,
+            "applies_in": "PyTorch: saint_export.apply(llava, <keep schedule>, llm_schedule=<spec>, llm_tau=<tau>); "
+                          "no LLM runtime drops tokens inside prefill (docs/vlm.md)"}
+
+
+def _weights_record(weights: str, source_name: str) -> dict:
     if weights == "random":
         return {"source": "random", "seed": 0}
+    if weights == "pretrained" and Path(source_name).is_dir():
+        return {"source": "checkpoint folder", "path": str(Path(source_name).absolute())}
     if weights == "pretrained":
         return {"source": "pretrained (model hub)"}
     if weights == "loaded module":

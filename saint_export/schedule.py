@@ -7,6 +7,8 @@
 | early<P>[@<B>]    | reach round(P% · n₀) patches by the end of the first B (⌊D/2⌋) blocks |
 | r:<r0>,<r1>,…     | explicit drops for blocks 0, 1, …                                    |
 | calib:<file.json> | drops measured by `saint-export calibrate`                           |
+| degree<N>@<L>[/<r0>] | the released VLM code's rule: block L keeps N patches by iterative |
+|                   | full-graph degree (LLaVA-1.5's paper setting: degree375@19)           |
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from .spec import drop_problem, max_drop
 from .errors import InputError
 
+DEGREE_R0 = 16  # the released code's starting step divisor for the degree rule
 EXPORTABLE_HINT = "use early<P> (e.g. early50) or calib:<file.json> for a static budget"
 NOT_EXPORTABLE = f"keep schedule 'dynamic' cannot be exported (its token counts depend on the data); {EXPORTABLE_HINT}"
 
@@ -40,6 +43,10 @@ class KeepSchedule:
     # silent default width: the ratio must be the same wherever it is computed).
     embed_dim: int | None = None
     mlp_ratio: float | None = None
+    # "vote": SAINT's bipartite vote (the operator); "degree": the released VLM code's iterative
+    # full-graph degree rule (core.degree_keep_index), starting from the step divisor r0.
+    rule: str = "vote"
+    r0: int = DEGREE_R0
 
     @classmethod
     def parse(cls, spec: str, depth: int, num_patches: int, *, num_protected: int = 1,
@@ -50,6 +57,9 @@ class KeepSchedule:
         if depth < 1 or num_patches < 1:
             raise ScheduleError(f"need depth ≥ 1 and num_patches ≥ 1, got {depth} and {num_patches}")
         kind, arg = parse_spec(spec)
+        if kind == "degree":
+            return cls(spec, depth, num_patches, _degree_drops(spec, *arg, depth, num_patches), num_protected,
+                       embed_dim, mlp_ratio, "degree", arg[2])
         if kind == "none":
             drops = (0,) * depth
         elif kind == "dynamic":
@@ -117,8 +127,13 @@ class KeepSchedule:
     def table(self) -> str:
         """The per-block table: block, tokens in, dropped, tokens out."""
         p = self.num_protected
-        lines = [f"keep schedule {self.spec!r}: depth {self.depth}, {self.num_patches} patches + {p} protected",
-                 f"{'block':>5}  {'tokens in':>9}  {'dropped':>7}  {'tokens out':>10}"]
+        lines = [f"keep schedule {self.spec!r}: depth {self.depth}, {self.num_patches} patches + {p} protected"]
+        if self.rule == "degree":
+            block = self.pruning_blocks[0]
+            steps = degree_steps(self.patch_counts()[block], self.patch_counts()[block + 1], self.r0)
+            lines.append(f"rule: iterative full-graph degree in block {block}, rounds dropping "
+                         f"{', '.join(map(str, steps))}")
+        lines += [f"{'block':>5}  {'tokens in':>9}  {'dropped':>7}  {'tokens out':>10}"]
         if self.drops is None:
             for i in range(self.depth):
                 r = "dynamic" if i < self.depth // 2 else "0"
@@ -144,9 +159,11 @@ class KeepSchedule:
                 {"block": i, "tokens_in": counts[i] + self.num_protected, "dropped": r,
                  "tokens_out": counts[i + 1] + self.num_protected} for i, r in enumerate(self.drops)],
             "flops_ratio": None if self.drops is None or self.embed_dim is None else self.flops_ratio(),
+            "rule": self.rule, **({"r0": self.r0} if self.rule == "degree" else {}),
         }
 
 
+_DEGREE = re.compile(r"degree(\d+)@(\d+)(?:/(\d+))?")
 _EARLY = re.compile(r"early(\d+(?:\.\d+)?)(?:@(\d+))?")
 _R_LIST = re.compile(r"r:(\d+(?:,\d+)*)")
 
@@ -168,11 +185,13 @@ def parse_spec(spec: str):
         return "early", (percent, blocks)
     if m := _R_LIST.fullmatch(text):
         return "r", tuple(int(v) for v in m.group(1).split(","))
+    if m := _DEGREE.fullmatch(text):
+        return "degree", (int(m.group(1)), int(m.group(2)), int(m.group(3) or DEGREE_R0))
     if text.startswith("calib:") and len(text) > len("calib:"):
         return "calib", Path(text[len("calib:"):])
     raise ScheduleError(
         f"malformed keep schedule {spec!r}: expected none, dynamic, early<P>, early<P>@<B>, "
-        "r:<r0>,<r1>,… or calib:<file.json>")
+        "r:<r0>,<r1>,…, calib:<file.json> or degree<N>@<L>[/<r0>]")
 
 
 def _early_drops(text, percent, stage, depth, num_patches):
@@ -193,6 +212,37 @@ def _early_drops(text, percent, stage, depth, num_patches):
         raise ScheduleError(
             f"keep schedule {text!r}: cannot reach {target} of {num_patches} patches in {stage} blocks "
             f"(each block drops at most half; the budget recursion ends at {n}): keep more or use more blocks")
+    return drops
+
+
+def degree_steps(num_patches: int, keep: int, r0: int = DEGREE_R0) -> list[int]:
+    """The degree rule's drops per round: r = min(n − keep, n // r_prev), starting from r0.
+
+    The released code reuses the divisor as the step, so steps oscillate (576 → 375 drops 36, 15,
+    35, 14, 34, 13, 33, 12, 9); they depend on the counts only, so they unroll statically."""
+    steps, n, r = [], num_patches, r0
+    while n > keep:
+        r = min(n - keep, n // r)
+        if r < 1:
+            raise ScheduleError(f"the degree rule stalls at {n} patches (its step n // {steps[-1] if steps else r0} "
+                                "is 0); use a smaller /<r0>")
+        steps.append(r)
+        n -= r
+    return steps
+
+
+def _degree_drops(text, keep, block, r0, depth, num_patches):
+    if block >= depth:
+        raise ScheduleError(f"keep schedule {text!r}: block {block} does not exist (the model has blocks 0 … "
+                            f"{depth - 1})")
+    if not 1 <= keep < num_patches:
+        raise ScheduleError(f"keep schedule {text!r}: keeps {keep} of {num_patches} patches; expected 1 … "
+                            f"{num_patches - 1}")
+    if r0 < 1:
+        raise ScheduleError(f"keep schedule {text!r}: the step divisor r0 must be ≥ 1")
+    degree_steps(num_patches, keep, r0)
+    drops = [0] * depth
+    drops[block] = num_patches - keep
     return drops
 
 

@@ -25,6 +25,7 @@ KEY_TYPES = ("float32", "float16", "bfloat16")
 TAU = 0.75
 VOTE_K = 5
 GAMMA = 10.0
+LLM_TAU = 0.83  # τ inside a VLM's language model: the released VLM code's saint_threshold
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,26 @@ def saint_drop_reference(keys, num_protected, tau=0.75, K=5, gamma=10.0, drop=No
     return r, np.concatenate([protected, a_tokens, b_tokens], axis=1)
 
 
+def degree_drop_reference(keys, num_protected, keep_num, r0=16):
+    """The released VLM code's `iterative_drop_full_graph` (docs/vlm.md), each image on its own:
+    keys [B, N, d] (numpy) → keep [B, num_protected + keep_num], survivors ascending. Its loop
+    line by line (the step reuses r as the divisor, from r0 for each image); degrees are fp32 similarities summed in
+    float64, ties dropping the lower index first."""
+    keeps = []
+    for image in keys:
+        m = image[num_protected:].astype(np.float64)
+        m = m / np.linalg.norm(m, axis=-1, keepdims=True)
+        alive, r = np.arange(len(m)), r0
+        while len(alive) > keep_num:
+            r = min(len(alive) - keep_num, len(alive) // r)
+            sim = (m[alive] @ m[alive].T).astype(np.float32).astype(np.float64)
+            degree = sim.sum(-1).astype(np.float32)
+            drop = np.argsort(-degree, kind="stable")[:r]
+            alive = np.delete(alive, drop)
+        keeps.append(np.concatenate([np.arange(num_protected), num_protected + alive]))
+    return np.stack(keeps)
+
+
 @torch.no_grad()
 def reference_forward(model, x, tau=0.75, K=5, gamma=10.0):
     """A timm VisionTransformer forward with dynamic SAINT. Returns (logits, [(block, keep or None)])."""

@@ -3,7 +3,7 @@ random configs (no hub)."""
 import numpy as np
 import pytest
 import torch
-from reference_saint import saint_drop_reference
+from reference_saint import degree_drop_reference, saint_drop_reference
 
 import saint_export as se
 from saint_export import _compat
@@ -45,9 +45,10 @@ def last_hidden(model, x):
 
 
 @torch.no_grad()
-def reference_tower(model, x, tau, prune_layers, protected):
+def reference_tower(model, x, tau, prune_layers, protected, degree_keep=None):
     """The tower run by hand from its unpatched layers with the released method's dynamic rule
-    (tests/reference_saint.py), survivors in ascending order. Returns (last hidden state, keeps)."""
+    (tests/reference_saint.py), or its degree rule keeping `degree_keep` patches, survivors in
+    ascending order. Returns (last hidden state, keeps)."""
     inner = getattr(model, "vision_model", model)
     h = inner.embeddings(x)
     if hasattr(inner, "pre_layrnorm"):
@@ -61,7 +62,10 @@ def reference_tower(model, x, tau, prune_layers, protected):
         h = h + layer.self_attn.out_proj(attended.transpose(1, 2).reshape(h.shape))
         if index in prune_layers:
             keys = layer.self_attn.k_proj(normed).view(len(h), h.shape[1], 2, -1).mean(2)
-            r, keep = saint_drop_reference(keys.numpy(), protected, tau)
+            if degree_keep is None:
+                keep = saint_drop_reference(keys.numpy(), protected, tau)[1]
+            else:
+                keep = degree_drop_reference(keys.numpy(), protected, degree_keep, r0=4)
             keeps.append(keep)
             if keep is not None:
                 index_ = torch.from_numpy(np.sort(keep, axis=1))
@@ -121,6 +125,38 @@ def test_static_schedules_prune_each_image_as_if_alone(kind, schedule):
     for i in range(3):
         assert torch.allclose(last_hidden(model, x[i:i + 1]), together[i:i + 1], atol=1e-6, rtol=0)
     assert not torch.allclose(together, last_hidden(make_tower(kind), x)[:, :expected], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_degree_rule_matches_the_released_codes_rule_per_image(kind, batch):
+    protected = 0 if kind == "siglip" else 1
+    model = se.apply(make_tower(kind), "degree40@2/4")
+    # Flat regions: near-duplicate tokens and exact degree ties, on the keys the layer saw.
+    with se.record_kept(model) as trace:
+        last_hidden(model, pixels(batch))
+    assert [k.block for k in trace] == [2] and trace[0].dropped == 24
+    want = degree_drop_reference(trace[0].keys.numpy(), protected, 40, r0=4)
+    assert np.array_equal(trace[0].keep_index.numpy(), want)
+    assert len({tuple(k) for k in want}) == batch, "each image keeps its own tokens"
+    # End to end against the tower run by hand (noise images: no near-ties for float noise to flip).
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with se.record_kept(model) as trace:
+        got = last_hidden(model, x)
+    want, keeps = reference_tower(make_tower(kind), x, None, prune_layers={2}, protected=protected, degree_keep=40)
+    assert np.array_equal(trace[0].keep_index.numpy(), keeps[0])
+    assert got.shape == (batch, 40 + protected, 32) and torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_degree_rule_steps_and_limits():
+    from saint_export.schedule import degree_steps
+
+    assert degree_steps(576, 375) == [36, 15, 35, 14, 34, 13, 33, 12, 9]  # LLaVA-1.5: CLS + 375 reach the LLM
+    for bad, message in [("degree64@1", "keeps 64 of 64 patches; expected 1 … 63"),
+                         ("degree8@4", "block 4 does not exist"), ("degree8@1/200", "stalls at 64 patches"),
+                         ("degree@1", "malformed keep schedule")]:
+        with pytest.raises(se.InputError, match=message):
+            se.apply(make_tower("clip"), bad)
 
 
 def test_calibrated_schedule_on_a_tower(tmp_path):

@@ -13,6 +13,8 @@ An adapter is a module (ToMe's pattern: one module per family, the same entry po
 | `matches(model)` | whether the module is of this family at all |
 | `describe(model)` | `ModelInfo`, or `InputError` for an unsupported variant of the family |
 | `patch(model, droppers)` | put `TokenDropper`s into the pruning blocks |
+| `export_module(model)` | the module the graph is exported from (pixel_values → the output); its parameters are what a name loads |
+| `features_record(model, dropped)` | for a VLM, how an LLM runtime takes the exported features (manifest `features`), else None |
 | `low_precision_modules(model)` | the Linear layers that fp16 / bf16 lowers |
 | `preprocess(model)` | `images.Preprocess`: how an image becomes the model's input |
 | `label_names(model)` | the head's class names, or None |

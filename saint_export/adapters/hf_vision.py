@@ -11,8 +11,15 @@ model sees the image features as a sequence.
 
 For LLaVA the schedule covers the tower's layers up to the one whose output LLaVA takes
 (`vision_feature_layer`): later layers' outputs are discarded.
+
+Checkpoints by name: the aliases of `hf_checkpoints.json` (whose configs ship with the package,
+so `random` weights need no hub), their hub ids, and local checkpoint folders (save_pretrained).
 """
 from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
 
 import torch
 
@@ -29,13 +36,85 @@ OUTPUT_NAME = "image_features"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+CHECKPOINTS_FILE = Path(__file__).with_name("hf_checkpoints.json")
+
+
+@functools.cache
+def checkpoints() -> dict[str, dict]:
+    """alias → {"repo": hub id, "config": the fields that fix its shapes}."""
+    return json.loads(CHECKPOINTS_FILE.read_text())["checkpoints"]
+
+
 def resolve_name(name: str) -> str | None:
-    """transformers models are not created by name yet: pass a loaded model to `apply`."""
+    """An alias → its hub id; a known hub id or a local checkpoint folder → itself."""
+    if name in checkpoints():
+        return checkpoints()[name]["repo"]
+    if any(entry["repo"] == name for entry in checkpoints().values()) or (Path(name) / "config.json").is_file():
+        return name
     return None
 
 
 def known_names() -> list[str]:
-    return []
+    return [*checkpoints(), *(entry["repo"] for entry in checkpoints().values())]
+
+
+def _config(source_name: str):
+    from transformers import AutoConfig
+
+    for entry in checkpoints().values():
+        if entry["repo"] == source_name:
+            fields = dict(entry["config"])
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    try:
+        return AutoConfig.from_pretrained(source_name)
+    except (OSError, ValueError) as err:
+        raise InputError(f"checkpoint folder {source_name!r} has no usable transformers config: "
+                         f"{str(err).splitlines()[0]}") from None
+
+
+def _model_class(config, source_name: str) -> type:
+    CLIPVisionModel, _, SiglipVisionModel, _, LlavaForConditionalGeneration = _classes()
+    classes = {"llava": LlavaForConditionalGeneration, "clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel,
+               "siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel}
+    if config.model_type not in classes:
+        raise unsupported(f"{source_name!r} (a transformers {config.model_type!r} checkpoint)")
+    return classes[config.model_type]
+
+
+def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn.Module:
+    """The checkpoint's model: a tower, or LLaVA whose language model stays on the meta device
+    (no memory, no weights): export needs only its vision tower and projector."""
+    from transformers import AutoModel
+
+    config = _config(source_name)
+    cls = _model_class(config, source_name)
+    vision_config = getattr(config, "vision_config", config)
+    if img_size not in (None, vision_config.image_size):
+        raise InputError(f"image size {img_size}: {source_name} takes {vision_config.image_size} (its position "
+                         "embeddings fix it)")
+    llava = config.model_type == "llava"
+    if pretrained:
+        model = cls.from_pretrained(source_name, **({"dtype": "auto"} if llava else {}))
+        if llava:  # keep the exported parts in fp32 and free the language model
+            model.model.language_model.to("meta")
+            model.lm_head.to("meta")
+            model.model.vision_tower.float()
+            model.model.multi_modal_projector.float()
+        return model
+    if not llava:
+        return cls(getattr(config, "vision_config", config))
+    device = torch.get_default_device()
+    with torch.device("meta"):
+        model = cls(config)
+    with torch.device(device):
+        model.model.vision_tower = AutoModel.from_config(config.vision_config)
+        model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config)
+    return model
+
+
+def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    raise InputError(f"weights file {str(path)!r}: transformers checkpoints are folders; pass the folder "
+                     "(save_pretrained) as the model, with pretrained weights")
 
 
 def _classes():
@@ -46,7 +125,7 @@ def _classes():
 
 def matches(model: torch.nn.Module) -> bool:
     try:
-        return isinstance(model, _classes())
+        return isinstance(model, (*_classes(), ImageFeatures))
     except ImportError:  # transformers not installed: not this family
         return False
 
@@ -89,9 +168,6 @@ def feature_depth(model: torch.nn.Module) -> int:
 
 def describe(model: torch.nn.Module) -> ModelInfo:
     config = tower(model).config
-    if config.image_size % config.patch_size:
-        raise unsupported(f"{type(model).__name__} with image size {config.image_size} not a multiple of its patch "
-                          f"size {config.patch_size}")
     return ModelInfo(depth=feature_depth(model), num_patches=(config.image_size // config.patch_size) ** 2,
                      num_protected=num_protected(model), embed_dim=config.hidden_size,
                      mlp_ratio=config.intermediate_size / config.hidden_size, img_size=config.image_size,
@@ -140,6 +216,63 @@ def patch(model: torch.nn.Module, droppers: dict) -> None:
         from .. import vlm
 
         vlm.install(model, *image_token_counts(model, sum(schedule.drops)))
+
+
+class ImageFeatures(torch.nn.Module):
+    """What an exported graph of this family computes from pixel_values.
+
+    LLaVA: the tower run only up to its feature layer, the feature selection ('default' drops
+    the first token) and the projector: [B, K, D_llm], what LLaVA puts at its image placeholders
+    (tests check it equals transformers' `get_image_features`). A tower: its own forward's
+    last_hidden_state [B, K, D], or image_embeds [B, D] for a projection variant."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.saint = getattr(model, "saint", None)  # the same state: the parity gate records selections
+        self.llava = is_llava(model)
+        if self.llava:
+            inner = tower(model)
+            self.embeddings, self.pre_layrnorm = inner.embeddings, getattr(inner, "pre_layrnorm", None)
+            self.layers = torch.nn.ModuleList(layers(model)[:feature_depth(model)])
+            self.drop_first = model.config.vision_feature_select_strategy == "default"
+            self.projector = model.model.multi_modal_projector
+        else:
+            self.model = model
+            self.output = "image_embeds" if hasattr(model, "visual_projection") else "last_hidden_state"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not self.llava:
+            return getattr(self.model(pixel_values=pixel_values), self.output)
+        hidden = self.embeddings(pixel_values)
+        if self.pre_layrnorm is not None:
+            hidden = self.pre_layrnorm(hidden)
+        for layer in self.layers:
+            hidden = layer(hidden, None)
+        return self.projector(hidden[:, 1:] if self.drop_first else hidden)
+
+
+def export_module(model: torch.nn.Module) -> torch.nn.Module:
+    return ImageFeatures(model)
+
+
+def features_record(model: torch.nn.Module, dropped: int) -> dict | None:
+    """For LLaVA, what an LLM runtime needs to take the exported features (docs/vlm.md)."""
+    if not is_llava(model):
+        return None
+    original, kept = image_token_counts(model, dropped)
+    return {
+        "tokens_per_image": kept, "unpruned_tokens_per_image": original,
+        "hidden_size": model.config.text_config.hidden_size,
+        "vision_feature_layer": model.config.vision_feature_layer,
+        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
+        "protected_tokens": num_protected(model), "image_token_id": model.config.image_token_id,
+        "tensorrt_llm": f"build the LLM engine with --max_multimodal_len = max_batch_size × {kept}; the runner "
+                        f"passes image_features as the prompt table with {kept} fake prompt ids per image",
+        "vllm": f"pass image_features as image embeddings (enable_mm_embeds=True); each image then takes {kept} "
+                "placeholders",
+        "transformers": f"write {kept} image placeholders per image (or {original}: saint_export.apply on the "
+                        "LLaVA model fits the prompt)",
+    }
 
 
 def image_token_counts(model: torch.nn.Module, dropped: int) -> tuple[int, int]:

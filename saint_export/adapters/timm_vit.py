@@ -60,6 +60,14 @@ def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn
     return timm.create_model(source_name, pretrained=pretrained, **kwargs)
 
 
+def export_module(model: torch.nn.Module) -> torch.nn.Module:
+    return model  # the classifier as it is: pixel_values → logits
+
+
+def features_record(model: torch.nn.Module, dropped: int) -> None:
+    return None
+
+
 def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
     """Load a timm-format state dict (.safetensors, .pth/.pt/.bin) strictly into `model`."""
     try:

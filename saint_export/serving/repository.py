@@ -183,6 +183,10 @@ def write_serving_repository(folder, repository: Path, manifest: Manifest, model
                              top_k: int = DEFAULT_TOP_K) -> Repository:
     """The Python-backend repository that `saint-export serve` runs (written into an empty folder)."""
     _check_name(model_name)
+    if len(manifest.output.shape) != 2:
+        raise InputError(f"{folder} outputs {manifest.output.name} {manifest.output.shape}, not class logits: serve "
+                         "runs classifiers; for image features write a repository with saint-export triton (its "
+                         "_onnx model serves them)")
     if top_k < 1:
         raise InputError(f"top-k must be ≥ 1, got {top_k}")
     if threads is not None and threads < 1:
