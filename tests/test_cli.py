@@ -135,7 +135,7 @@ def test_console_script_error_exit_and_no_traceback(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == ("saint-export: error: malformed keep schedule 'r:x': expected none, dynamic, "
-                                     "early<P>, early<P>@<B>, r:<r0>,<r1>,… or calib:<file.json>")
+                                     "early<P>, early<P>@<B>, r:<r0>,<r1>,…, calib:<file.json> or degree<N>@<L>[/<r0>]")
 
 
 def test_failed_or_interrupted_run_leaves_nothing(tmp_path):

@@ -1,4 +1,5 @@
-"""Packaging: a built wheel carries the plugin sources, so installs that are not editable can build it."""
+"""Packaging: a built wheel carries the plugin sources (so installs that are not editable can build it) and
+the shipped checkpoint configs."""
 import subprocess
 import sys
 import zipfile
@@ -16,3 +17,4 @@ def test_wheel_ships_the_plugin_sources(tmp_path):
                if p.suffix in (".cu", ".cpp", ".h", ".map") or p.name == "CMakeLists.txt"}
     assert len(sources) >= 9 and sources <= names
     assert "saint_export/runtime/__init__.py" in names and "saint_export/adapters/timm_vit.py" in names
+    assert "saint_export/adapters/hf_checkpoints.json" in names  # --weights random for the aliases, offline
