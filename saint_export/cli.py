@@ -214,15 +214,15 @@ def export(args) -> int:
 
     if args.list_models:
         print("\n".join(f"{alias:<20} {name}" for alias, name in ALIASES.items()))
-        print("\n".join(f"{alias:<20} {entry['repo']} (transformers)" for alias, entry in hf_vision.checkpoints().items()))
+        print("\n".join(f"{alias:<20} {entry['repo']} (transformers)"
+                        for alias, entry in hf_vision.checkpoints().items()))
         return EXIT_OK
     if not args.model:
         raise InputError("a model name is required (saint-export MODEL …; see saint-export export --help)")
     args.keep_schedule, args.llm_schedule = _mode_schedules(args.mode, args.keep_schedule, args.llm_schedule)
     config = se.ExportConfig(
         keep_schedule=args.keep_schedule, llm_schedule=args.llm_schedule, llm_tau=args.llm_tau, tau=args.tau, K=args.K,
-        gamma=args.gamma, precision=args.precision,
-        opset=args.opset, target=args.target, batch=args.batch, verify=not args.no_verify,
+        gamma=args.gamma, precision=args.precision, opset=args.opset, target=args.target, batch=args.batch, verify=not args.no_verify,
         parity_images=args.parity_images, images=tuple(args.images), plugin_library=args.plugin_lib,
         compute_capability=args.compute_capability, timing_cache=args.timing_cache, img_size=args.img_size)
     schedule = se.resolve_schedule(args.keep_schedule, args.model, args.img_size)
@@ -264,8 +264,8 @@ def _summary(result) -> None:
     if parity:
         compared = sum(b["compared"] for b in parity.blocks.values())
         exact = sum(b["order_equal"] for b in parity.blocks.values())
-        selections = (f"; kept tokens exact in {exact}/{compared} block selections" if compared
-                      else "; the degree rule's selections are checked end to end" if schedule.rule == "degree" else "")
+        selections = (f"; kept tokens exact in {exact}/{compared} block selections" if compared else
+                      "; the degree rule's selections are checked end to end" if schedule.rule == "degree" else "")
         print(f"  parity: passed on {parity.image_runs} image runs (batch {parity.batch_sizes}, {parity.precision}), "
               f"{parity.logits.summary()}{selections}"
               + (f", {len(parity.near_ties)} numerical near-ties (see report.json)" if parity.near_ties else ""))

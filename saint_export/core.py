@@ -18,9 +18,9 @@ survives the final rounding to fp32, so identical tokens stay tied and backends 
 
 `saint_export.ops` states the same computation in ONNX operators; keep the two in step.
 
-The released VLM code prunes LLaVA's CLIP tower with a second rule, `iterative_drop_full_graph`:
-`degree_keep_index` below restates it (its steps: `schedule.degree_steps`) (docs/vlm.md) with its batch-1 limit and
-unstable sort fixed.
+The released VLM code prunes LLaVA's CLIP tower with a second rule, `iterative_drop_full_graph`;
+`degree_keep_index` restates it with its batch-1 limit and unstable sort fixed (docs/vlm.md; its
+rounds come from `schedule.degree_steps`).
 """
 from __future__ import annotations
 
@@ -109,8 +109,9 @@ def degree_keep_index(keys: torch.Tensor, num_protected: int, keep: int, r0: int
         higher = degree[:, None, :] > degree[:, :, None]
         tied_before = (degree[:, None, :] == degree[:, :, None]) & (position[None, :] < position[:, None])
         rank = (higher | tied_before).sum(-1)
-        # The survivors' positions in ascending order: the largest of distinct keys m − position.
-        key = torch.where(rank >= r, m - position, 0)
+        # The survivors' positions in ascending order: the largest of distinct keys m − position
+        # (float: exact below 2^24, and a type every backend's TopK takes).
+        key = torch.where(rank >= r, m - position, 0).float()
         alive = torch.gather(alive, 1, torch.topk(key, m - r, dim=-1).indices)
     protected = torch.arange(num_protected, device=keys.device).expand(batch, -1)
     return torch.cat([protected, num_protected + alive], dim=1)

@@ -34,7 +34,7 @@ import torch
 from . import core
 from .errors import InputError
 from .schedule import ScheduleError, _early_drops
-from .spec import LLM_TAU, drop_problem
+from .spec import drop_problem
 
 REFERENCE_LAYERS = (7, 16)  # of LLaVA-1.5-7B's 32 decoder layers
 OTHER_TOKENS = 36  # text and system tokens assumed beside the image for the prefill FLOPs ratio

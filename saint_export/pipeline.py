@@ -90,8 +90,8 @@ def resolve_llm_schedule(llm_schedule: str, model, keep_schedule="none"):
     """An LLM schedule resolved for LLaVA `model` (a name, or a module) whose tower runs the
     static `keep_schedule` (docs/vlm.md); None for "none". No weights are loaded."""
     if isinstance(model, torch.nn.Module):
-        arch = Architecture(type(model).__name__, type(model).__name__, find_adapter(model),
-                            find_adapter(model).describe(model), 0)
+        adapter, name = find_adapter(model), type(model).__name__
+        arch = Architecture(name, name, adapter, adapter.describe(model), 0)
     else:
         arch, model = architecture(model), None
     schedule = KeepSchedule.for_model(keep_schedule, arch.info)

@@ -1,6 +1,7 @@
 """Export of transformers towers and LLaVA's image features (tower up to the feature layer, feature
 selection, projector) through the parity gate, by library and CLI; checkpoints by alias with
 shipped configs. Tiny random configs, no hub."""
+import importlib.util
 import json
 
 import numpy as np
@@ -152,3 +153,14 @@ def test_cli_unknown_checkpoint_and_llm_mode_on_a_vit(tmp_path, capsys):
     weights.write_bytes(b"x")
     code, _, err = run(capsys, "clip-vit-b16", "--weights", str(weights), "-o", str(tmp_path / "o"))
     assert code == 2 and "transformers checkpoints are folders" in only_error_line(err)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx_libs") is None,
+                    reason="TensorRT-RTX is not installed (pip install -e '.[dev]')")
+def test_llava_features_build_a_tensorrt_rtx_engine_with_either_rule(tmp_path):
+    for schedule in ("early50", "degree20@1"):
+        result = se.export(tiny_llava(), tmp_path / schedule, se.ExportConfig(
+            keep_schedule=schedule, target="trt-rtx", compute_capability="89", plugin_library="none",
+            batch=(1, 2, 4), parity_images=2))
+        assert result.engine.backend == "tensorrt-rtx" and (tmp_path / schedule / "engine.plan").stat().st_size > 0
+        assert result.manifest.output.shape == ["batch", 32 if schedule == "early50" else 20, 64]
