@@ -5,8 +5,9 @@ beside the FLOPs-ideal ratio (the README's VLM figures).
 
 The model has random weights (latency does not depend on them): LLaVA-1.5's CLIP ViT-L/14-336
 tower and projector at full size (the shipped llava-1.5-7b config) and a Llama language model
-whose depth and width keep a run within minutes on a small CPU (LLaVA-1.5-7B's 32 × 4096 would
-take minutes per prefill on 2 cores); every mode shares one set of weights.
+of --text-layers × --text-hidden (default 16 × 1024, a few minutes; the README's figures use
+32 × 2048, LLaVA-1.5-7B's depth at half its width, since the 7 B model does not fit 23 GB in fp32).
+Every mode shares one set of weights.
 One prompt: 35 tokens before the image, 576 placeholders (as LLaVA's processor writes them), 20
 after. Modes: unpruned; ViT-only with the released code's rule (degree375@19) and with early50;
 LLM-only and hybrid with span50 over the reference's layers 7–16 of 32 scaled to the depth.
