@@ -272,9 +272,10 @@ def _summary(result) -> None:
     else:
         print("  parity: NOT verified (exported with --no-verify)")
     if engine:
+        operator = (f"no {spec.OP_TYPE} node" if engine.operator_backend == "none" else
+                    f"{spec.OP_TYPE} as {engine.operator_backend} ({engine.plugin_layers} plugin layers)")
         print(f"  engine: {engine.backend} {engine.version} for compute capability {engine.compute_capability}, "
-              f"{spec.OP_TYPE} as {engine.operator_backend} ({engine.plugin_layers} plugin layers); engine parity "
-              f"{engine.verification}")
+              f"{operator}; engine parity {engine.verification}")
     print("  time: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in result.timings.items()))
     for name in result.files:
         print(f"  {result.folder / name}  ({(result.folder / name).stat().st_size / 1e6:.1f} MB)")

@@ -41,7 +41,7 @@ class EngineRecord:
     backend: str  # "tensorrt" | "tensorrt-rtx"
     version: str
     compute_capability: str
-    operator_backend: str  # how SimilarityTopK runs: "plugin" | "onnx-function"
+    operator_backend: str  # how SimilarityTopK runs: "plugin" | "onnx-function" | "none" (no such node)
     plugin_layers: int
     strongly_typed: bool  # read from the built network
     build_seconds: float

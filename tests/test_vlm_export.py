@@ -163,4 +163,5 @@ def test_llava_features_build_a_tensorrt_rtx_engine_with_either_rule(tmp_path):
             keep_schedule=schedule, target="trt-rtx", compute_capability="89", plugin_library="none",
             batch=(1, 2, 4), parity_images=2))
         assert result.engine.backend == "tensorrt-rtx" and (tmp_path / schedule / "engine.plan").stat().st_size > 0
+        assert result.engine.operator_backend == ("onnx-function" if schedule == "early50" else "none")
         assert result.manifest.output.shape == ["batch", 32 if schedule == "early50" else 20, 64]

@@ -25,7 +25,7 @@ class BuiltEngine:
     """What the builder knows about the engine it wrote (the pipeline adds plugin and parity)."""
     file: str
     compute_capability: str
-    operator_backend: str  # "plugin" | "onnx-function"
+    operator_backend: str  # "plugin" | "onnx-function" | "none" (no operator node: the degree rule)
     plugin_layers: int
     strongly_typed: bool
     build_seconds: float
@@ -119,5 +119,5 @@ def build_engine(backend: Backend, onnx_path: Path, plan_path: Path, batch: tupl
     if cache is not None:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
         timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    return BuiltEngine(plan_path.name, cc, "plugin" if plugin_layers else "onnx-function", plugin_layers,
-                       strongly_typed, round(seconds, 2))
+    operator_backend = "plugin" if plugin_layers else "onnx-function" if saint_count else "none"
+    return BuiltEngine(plan_path.name, cc, operator_backend, plugin_layers, strongly_typed, round(seconds, 2))
