@@ -41,8 +41,7 @@ def redundancy_scores(keys: torch.Tensor, num_protected: int, tau: float = TAU,
     method would drop for this image alone.
     """
     tau, gamma = _as_fp32(tau), _as_fp32(gamma)
-    patches = keys[:, num_protected:].double()
-    patches = patches / patches.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
+    patches = _unit_patches(keys, num_protected)
     # Rounded to fp32 so that a cosine of exactly τ compares the same way whatever the summation order.
     sim = (patches[:, 0::2] @ patches[:, 1::2].transpose(1, 2)).float().double()  # [B, n_A, n_B]
     edges = sim >= tau
@@ -52,6 +51,12 @@ def redundancy_scores(keys: torch.Tensor, num_protected: int, tau: float = TAU,
     score = torch.where(votes > 0, votes * torch.exp(gamma * (mean_valid - tau)), mean_all)
     vote_rows = (votes >= vote_k).sum(-1)
     return score.float(), vote_rows
+
+
+def _unit_patches(keys: torch.Tensor, num_protected: int) -> torch.Tensor:
+    """The patch tokens' keys, L2-normalised in fp64."""
+    patches = keys[:, num_protected:].double()
+    return patches / patches.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
 
 
 def _as_fp32(value: float) -> float:
@@ -96,8 +101,7 @@ def degree_keep_index(keys: torch.Tensor, num_protected: int, keep: int, r0: int
     first; degrees are fp32 values summed in fp64 (as `redundancy_scores`).
     Returns [B, num_protected + keep] int64: protected tokens, then survivors in ascending order."""
     batch, tokens, _ = keys.shape
-    patches = keys[:, num_protected:].double()
-    patches = patches / patches.square().sum(-1, keepdim=True).sqrt().clamp_min(NORM_EPS)
+    patches = _unit_patches(keys, num_protected)
     alive = torch.arange(tokens - num_protected, device=keys.device).expand(batch, -1)
     for r in degree_steps(tokens - num_protected, keep, r0):
         rows = gather_tokens(patches, alive)

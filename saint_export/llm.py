@@ -255,10 +255,14 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
     return state
 
 
-def resolve(spec: str, model, tower_dropped: int | None) -> LlmSchedule:
-    """`spec` for LLaVA `model` whose tower drops `tower_dropped` tokens per image (None: dynamic)."""
+def resolve(spec: str, model, tower_dropped: int | None, name: str | None = None) -> LlmSchedule:
+    """`spec` for LLaVA `model` (called `name` in errors) whose tower drops `tower_dropped` tokens
+    per image (None: dynamic)."""
+    from .adapters import hf_vision
     from .adapters.hf_vision import image_token_counts
 
+    if not (hf_vision.matches(model) and hf_vision.is_llava(model)):
+        raise InputError(f"an LLM schedule needs a LLaVA model, not {name or type(model).__name__}")
     if tower_dropped is None:
         raise InputError("an LLM schedule needs a static tower schedule (the image-token count must be known)")
     depth = language_model(model).config.num_hidden_layers

@@ -90,8 +90,6 @@ def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50",
     if llm_schedule is not None:
         from . import llm
 
-        if not getattr(adapter, "is_llava", lambda m: False)(model):
-            raise InputError(f"an LLM schedule needs a LLaVA model, not {type(model).__name__}")
         llm_tau = spec.LLM_TAU if llm_tau is None else llm_tau
         check_hyperparameters(llm_tau, K, gamma)
         resolved_llm = llm.resolve(llm_schedule, model, None if schedule.drops is None else sum(schedule.drops))

@@ -89,28 +89,26 @@ def resolve_schedule(keep_schedule, model, img_size: int | None = None) -> KeepS
 def resolve_llm_schedule(llm_schedule: str, model, keep_schedule="none"):
     """An LLM schedule resolved for LLaVA `model` (a name, or a module) whose tower runs the
     static `keep_schedule` (docs/vlm.md); None for "none". No weights are loaded."""
-    if isinstance(model, torch.nn.Module):
-        adapter, name = find_adapter(model), type(model).__name__
-        arch = Architecture(name, name, adapter, adapter.describe(model), 0)
-    else:
-        arch, model = architecture(model), None
-    schedule = KeepSchedule.for_model(keep_schedule, arch.info)
+    if llm_schedule == "none":
+        return None
+    schedule = resolve_schedule(keep_schedule, model)
     schedule.require_static()
-    return _resolve_llm_schedule(llm_schedule, arch, model, schedule)
+    return _resolve_llm_schedule(llm_schedule, model, schedule)
 
 
-def _resolve_llm_schedule(llm_schedule: str, arch: Architecture, module, schedule: KeepSchedule):
+def _resolve_llm_schedule(llm_schedule: str, model, schedule: KeepSchedule):
+    """`model`: a module, or a name whose shapes are built on the meta device."""
     if llm_schedule == "none":
         return None
     from . import llm
+    from .models import resolve
 
-    probe = module
-    if probe is None:  # a model given by name: its shapes, on the meta device
+    probe = model
+    if not isinstance(model, torch.nn.Module):
+        adapter, source_name = resolve(model)
         with torch.device("meta"):
-            probe = arch.adapter.create(arch.source_name, pretrained=False, img_size=None)
-    if not getattr(arch.adapter, "is_llava", lambda m: False)(probe):
-        raise InputError(f"an LLM schedule needs a LLaVA model, not {arch.name}")
-    return llm.resolve(llm_schedule, probe, sum(schedule.drops))
+            probe = adapter.create(source_name, pretrained=False, img_size=None)
+    return llm.resolve(llm_schedule, probe, sum(schedule.drops), name=model if isinstance(model, str) else None)
 
 
 def export(model, output, config: ExportConfig = ExportConfig(), weights: str | None = None,
@@ -137,7 +135,7 @@ class _Export:
         arch, module = self._resolve_model(model, weights)
         schedule = KeepSchedule.for_model(config.keep_schedule, arch.info)
         schedule.require_static()
-        llm_schedule = _resolve_llm_schedule(self.config.llm_schedule, arch, module, schedule)
+        llm_schedule = _resolve_llm_schedule(self.config.llm_schedule, model, schedule)
         target, compute_capability = self._resolve_target()
         config = self.config = replace(config, target=target, compute_capability=compute_capability)
         artifacts.check_writable(output)  # every check above needed no weights; nothing is written yet

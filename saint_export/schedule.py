@@ -113,16 +113,18 @@ class KeepSchedule:
             counts.append(counts[-1] - r)
         return counts
 
-    def flops_ratio(self) -> float:
-        """Transformer-block MACs of this schedule over the unpruned model's (static only)."""
+    def macs(self) -> float:
+        """Multiply-accumulates of the transformer blocks under this schedule (static only)."""
         self.require_static()
         if self.embed_dim is None or self.mlp_ratio is None:
             raise ScheduleError("the FLOPs ratio needs the model's width and MLP ratio: resolve the schedule "
                                 "with KeepSchedule.for_model or saint_export.resolve_schedule")
         counts = self.patch_counts()
-        pruned = sum(_block_macs(counts[i], counts[i + 1], self) for i in range(self.depth))
-        full = self.depth * _block_macs(self.num_patches, self.num_patches, self)
-        return pruned / full
+        return sum(_block_macs(counts[i], counts[i + 1], self) for i in range(self.depth))
+
+    def flops_ratio(self) -> float:
+        """Transformer-block MACs of this schedule over the unpruned model's (static only)."""
+        return self.macs() / (self.depth * _block_macs(self.num_patches, self.num_patches, self))
 
     def table(self) -> str:
         """The per-block table: block, tokens in, dropped, tokens out."""

@@ -78,11 +78,8 @@ def modes(text_layers: int) -> dict[str, tuple[str, str | None]]:
 def ideal_macs(model, keep: str, llm: str | None, prompt_len: int, new_tokens: int) -> tuple[float, float]:
     """(prefill MACs, whole-generation MACs) of `model` under the two schedules."""
     schedule = se.resolve_schedule(keep, model)
-    vision = model.config.vision_config
-    c, f = vision.hidden_size, vision.intermediate_size
-    counts = [n + schedule.num_protected for n in schedule.patch_counts()]
-    tower = sum(4 * counts[i] * c * c + 2 * counts[i] ** 2 * c + 2 * counts[i + 1] * c * f
-                for i in range(schedule.depth))
+    tower = schedule.macs()
+    c = model.config.vision_config.hidden_size
     original, kept = hf_vision.image_token_counts(model, sum(schedule.drops))
     d = model.config.text_config.hidden_size
     projector = kept * (c * d + d * d)
