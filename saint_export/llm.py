@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import core
+from . import compat, core
 from .errors import InputError
 from .schedule import ScheduleError, _early_drops
 from .spec import drop_problem
@@ -145,21 +145,16 @@ class LlmState:
     run: dict = field(default_factory=dict, repr=False)  # per-forward state
 
 
-def language_model(model):
-    return getattr(model, "model", model).language_model
-
-
 def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float) -> LlmState:
-    from transformers.masking_utils import create_causal_mask
-
-    llava = getattr(model, "model", model)
-    lm = language_model(model)
+    llava = compat.llava_core(model)
+    lm = compat.language_model(model)
     image_token = model.config.image_token_id
     state = LlmState(schedule, float(tau), int(vote_k), float(gamma))
     st = state.run
     pruning = set(schedule.pruning_layers)
-    base = type(lm.layers[0])  # LlamaDecoderLayer, or the decoder layer of another language model
-    if any(type(layer) is not base for layer in lm.layers):
+    decoder_layers = compat.decoder_layers(model)
+    base = type(decoder_layers[0])  # LlamaDecoderLayer, or the decoder layer of another language model
+    if any(type(layer) is not base for layer in decoder_layers):
         raise InputError(f"{type(lm).__name__} mixes decoder layer types; LLM-side SAINT needs one")
 
     def llava_pre_hook(module, args, kwargs):
@@ -168,8 +163,8 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
             st["image"] = None if ids is None else ids == image_token
 
     def lm_pre_hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        st["prefill"] = cache is None or cache.get_seq_length() == 0
+        cache = compat.cache_argument(kwargs)
+        st["prefill"] = compat.cache_length(cache) == 0
         st["mask2d"], st["step"] = kwargs.get("attention_mask"), {}
         if st["prefill"]:
             if cache is None and kwargs.get("use_cache") is False:
@@ -192,24 +187,24 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
     llava.register_forward_pre_hook(llava_pre_hook, with_kwargs=True)
     lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                position_embeddings=None, **kwargs):
-        i = self.self_attn.layer_idx
+    # The cache arrives in **kwargs under whichever name this transformers release uses, and is
+    # passed on the same way (compat.cache_argument).
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
+        i = compat.decoder_layer_index(self)
+        cache = compat.cache_argument(kwargs)
         stage = next((s for s in reversed(st["stages"]) if s["start"] <= i), None) if "stages" in st else None
         if stage is not None and st["prefill"]:
             attention_mask, position_ids, position_embeddings = stage["mask"], stage["pos"], stage["emb"]
         elif stage is not None:  # decoding: the stage's kept prompt columns plus the generated ones
             if stage["start"] not in st["step"]:
                 mask2d = None if st["mask2d"] is None else torch.cat([stage["mask2d"], st["mask2d"][:, st["T"]:]], 1)
-                st["step"][stage["start"]] = create_causal_mask(
-                    config=lm.config, inputs_embeds=hidden_states, attention_mask=mask2d,
-                    past_key_values=past_key_values, position_ids=position_ids, layer_idx=stage["start"])
+                st["step"][stage["start"]] = compat.causal_mask(lm.config, hidden_states, mask2d, cache,
+                                                                position_ids, layer=stage["start"])
             attention_mask = st["step"][stage["start"]]
-        hidden_states = base.forward(
-            self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        hidden_states = base.forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                     position_embeddings=position_embeddings, **kwargs)
         if st["prefill"] and i in pruning:
-            hidden_states = _prune(self, i, hidden_states, position_ids, position_embeddings, past_key_values, stage)
+            hidden_states = _prune(self, i, hidden_states, position_ids, position_embeddings, cache, stage)
         return hidden_states
 
     def _prune(layer, i, h, position_ids, position_embeddings, cache, stage):
@@ -217,7 +212,7 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
         image = st["image_now"]
         n = int(image[0].sum())
         image_index = image.nonzero()[:, 1].view(batch, n)  # ascending per row
-        keys = cache.layers[i].keys.mean(1)  # post-rotary, averaged over key/value heads: [B, T, d]
+        keys = compat.cached_keys(cache, i).mean(1)  # post-rotary, averaged over key/value heads: [B, T, d]
         span_keys = keys.gather(1, image_index[..., None].expand(-1, -1, keys.shape[-1]))
         static = schedule.drops is not None
         keep, vote_rows = core.similarity_topk(span_keys.float(), 0, schedule.drops[i] if static else 0, state.tau,
@@ -243,13 +238,12 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
         previous = stage["mask2d"] if stage is not None else st["mask2d"]
         mask2d = gather(previous) if previous is not None else None
         st["image_now"], st["original"] = gather(image), gather(st["original"])
-        mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask2d, past_key_values=cache,
-                                  position_ids=positions, layer_idx=i + 1)
+        mask = compat.causal_mask(lm.config, h, mask2d, cache, positions, layer=i + 1)
         st["stages"].append(dict(start=i + 1, mask=mask, pos=positions, emb=embeddings, mask2d=mask2d))
         return h
 
     saint_layer = type(f"Saint{base.__name__}", (base,), {"forward": forward, "__module__": __name__})
-    for decoder_layer in lm.layers:
+    for decoder_layer in decoder_layers:
         decoder_layer.__class__ = saint_layer
     model.saint_llm = state
     return state
@@ -265,5 +259,5 @@ def resolve(spec: str, model, tower_dropped: int | None, name: str | None = None
         raise InputError(f"an LLM schedule needs a LLaVA model, not {name or type(model).__name__}")
     if tower_dropped is None:
         raise InputError("an LLM schedule needs a static tower schedule (the image-token count must be known)")
-    depth = language_model(model).config.num_hidden_layers
+    depth = compat.language_model(model).config.num_hidden_layers
     return LlmSchedule.parse(spec, depth, image_token_counts(model, tower_dropped)[1])

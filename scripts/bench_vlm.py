@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 import saint_export as se
-from saint_export import _compat
+from saint_export import compat
 from saint_export.adapters import hf_vision
 
-_compat.import_torchvision()
+compat.import_torchvision()
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
 
 IMAGE_TOKEN, PAD = 32000, 32001

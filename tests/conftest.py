@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from saint_export._compat import import_torchvision
+from saint_export.compat import import_torchvision
 
 import_torchvision()  # before timm, on CPU-only torch
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .. import compat
 from ..core import gather_tokens
 from ..errors import InputError
 from ..images import Preprocess
@@ -96,10 +97,10 @@ def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn
     if pretrained:
         model = cls.from_pretrained(source_name, **({"dtype": "auto"} if llava else {}))
         if llava:  # keep the exported parts in fp32 and free the language model
-            model.model.language_model.to("meta")
-            model.lm_head.to("meta")
-            model.model.vision_tower.float()
-            model.model.multi_modal_projector.float()
+            for part in compat.text_parts(model):
+                part.to("meta")
+            compat.vision_transformer(model).float()
+            compat.projector(model).float()
         return model
     if not llava:
         return cls(getattr(config, "vision_config", config))
@@ -107,8 +108,8 @@ def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn
     with torch.device("meta"):
         model = cls(config)
     with torch.device(device):
-        model.model.vision_tower = AutoModel.from_config(config.vision_config)
-        model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config)
+        compat.set_vision_tower(model, AutoModel.from_config(config.vision_config))
+        compat.set_projector(model, type(compat.projector(model))(config))
     return model
 
 
@@ -130,19 +131,9 @@ def matches(model: torch.nn.Module) -> bool:
         return False
 
 
-def tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The module holding embeddings and encoder: the model itself, the vision model inside a
-    projection variant, or LLaVA's vision tower."""
-    found = getattr(getattr(model, "model", model), "vision_tower", model)
-    return getattr(found, "vision_model", found)
-
-
-def is_llava(model: torch.nn.Module) -> bool:
-    return hasattr(getattr(model, "model", model), "vision_tower")
-
-
-def layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return tower(model).encoder.layers
+tower = compat.vision_transformer
+is_llava = compat.is_llava
+layers = compat.encoder_layers
 
 
 def num_protected(model: torch.nn.Module) -> int:
@@ -160,7 +151,7 @@ def feature_depth(model: torch.nn.Module) -> int:
     if not isinstance(layer, int):
         raise unsupported(f"{type(model).__name__} with several vision feature layers {layer} (pruning between "
                           "them would break their concatenation)")
-    index = layer % (total + 1)
+    index = compat.feature_layer_index(layer, total)
     if index == 0:
         raise unsupported(f"{type(model).__name__} taking the tower's embeddings (vision_feature_layer {layer})")
     return index
@@ -186,22 +177,18 @@ def saint_layer_class(base: type) -> type:
 
 
 def _saint_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-    """transformers 5.x CLIPEncoderLayer / SiglipEncoderLayer forward with the selection after the
-    attention residual (the two classes have the same forward)."""
+    """The encoder layer's own forward with the selection after the attention residual."""
     if attention_mask is not None:
         raise InputError("SAINT pruning layers do not support attention masks")
-    residual = hidden_states
-    hidden_states, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=None, **kwargs)
-    hidden_states = residual + hidden_states
-    keys = self.saint_keys.pop()  # [B, N, heads * d] from the k_proj hook
+    return compat.encoder_layer_forward(self, hidden_states, functools.partial(_select, self), **kwargs)
+
+
+def _select(layer, hidden_states: torch.Tensor) -> torch.Tensor:
+    keys = layer.saint_keys.pop()  # [B, N, heads * d] from the key projection's hook
     batch, tokens, _ = keys.shape
-    keys = keys.view(batch, tokens, self.self_attn.num_heads, -1).mean(2)
-    keep_index = self.saint_dropper(keys)
-    if keep_index is not None:
-        hidden_states = gather_tokens(hidden_states, keep_index.sort(dim=1).values)
-    residual = hidden_states
-    hidden_states = self.mlp(self.layer_norm2(hidden_states))
-    return residual + hidden_states
+    keys = keys.view(batch, tokens, compat.attention_heads(layer), -1).mean(2)
+    keep_index = layer.saint_dropper(keys)
+    return hidden_states if keep_index is None else gather_tokens(hidden_states, keep_index.sort(dim=1).values)
 
 
 def patch(model: torch.nn.Module, droppers: dict) -> None:
@@ -210,7 +197,8 @@ def patch(model: torch.nn.Module, droppers: dict) -> None:
         layer.__class__ = saint_layer_class(type(layer))
         layer.saint_dropper = dropper
         layer.saint_keys = []
-        layer.self_attn.k_proj.register_forward_hook(lambda module, args, out, layer=layer: layer.saint_keys.append(out))
+        compat.key_projection(layer).register_forward_hook(
+            lambda module, args, out, layer=layer: layer.saint_keys.append(out))
     schedule = next(iter(droppers.values())).state.schedule if droppers else None
     if is_llava(model) and schedule is not None and schedule.drops is not None:
         from .. import vlm
@@ -231,11 +219,10 @@ class ImageFeatures(torch.nn.Module):
         self.saint = getattr(model, "saint", None)  # the same state: the parity gate records selections
         self.llava = is_llava(model)
         if self.llava:
-            inner = tower(model)
-            self.embeddings, self.pre_layrnorm = inner.embeddings, getattr(inner, "pre_layrnorm", None)
+            self.stem = torch.nn.Sequential(*compat.tower_stem(model))
             self.layers = torch.nn.ModuleList(layers(model)[:feature_depth(model)])
             self.drop_first = model.config.vision_feature_select_strategy == "default"
-            self.projector = model.model.multi_modal_projector
+            self.projector = compat.projector(model)
         else:
             self.model = model
             self.output = "image_embeds" if hasattr(model, "visual_projection") else "last_hidden_state"
@@ -243,9 +230,7 @@ class ImageFeatures(torch.nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not self.llava:
             return getattr(self.model(pixel_values=pixel_values), self.output)
-        hidden = self.embeddings(pixel_values)
-        if self.pre_layrnorm is not None:
-            hidden = self.pre_layrnorm(hidden)
+        hidden = self.stem(pixel_values)
         for layer in self.layers:
             hidden = layer(hidden, None)
         return self.projector(hidden[:, 1:] if self.drop_first else hidden)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .._compat import import_torchvision
+from ..compat import import_torchvision
 
 import_torchvision()  # before timm, which imports torchvision
 

@@ -1,0 +1,168 @@
+"""The one home of what saint-export reads from other libraries' internals, per release.
+
+Everything here is something a library does not promise to keep: a keyword that was renamed, a
+cache object's fields, a layer's sub-modules, an import-order quirk. The rest of saint-export
+calls these functions and never names those internals itself (tests/test_compat.py greps for
+them). `TESTED` lists the releases that `scripts/check_deps.py` runs the tests against; its
+latest table is in docs/dependencies.md. pyproject.toml's lower bounds are the lowest of them.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+# Releases the tests have passed on (scripts/check_deps.py runs each of them; the lowest is
+# pyproject.toml's lower bound, the newest is what the lock installs).
+TESTED = {
+    "transformers": ("5.16.0", "5.16.1", "5.19.0", "5.23.0", "5.24.0"),
+}
+
+
+# --- torchvision --------------------------------------------------------------------------------
+# PyPI ships only CUDA builds of torchvision. Beside a CPU torch, `import torchvision` (which timm
+# and transformers' image utilities do) fails with "operator torchvision::nms does not exist".
+# ViTs need none of torchvision's C++ ops, so we declare the two missing op schemas and import
+# again. With a matching torchvision nothing happens.
+
+def import_torchvision() -> None:
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as err:
+        if "torchvision::nms" not in str(err):
+            raise
+        for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[module]
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+        _keep_alive.append(lib)
+        import torchvision  # noqa: F401
+
+
+_keep_alive: list = []  # the Library object must outlive this call, or its ops are dropped
+
+
+# --- transformers: the KV cache and masks (LLM-side SAINT) ----------------------------------------
+# 5.24 renamed the cache argument of decoder layers, language models and mask builders from
+# `past_key_values` to `cache` (the old name is a deprecated alias until 5.40, with a warning).
+# saint-export never names it when calling: the decoder layers get the caller's keywords passed
+# through, and the mask builder gets the cache by position (its fourth parameter in 5.16–5.24).
+
+def cache_argument(kwargs: dict):
+    """The KV cache a language model or decoder layer was called with (None when there is none)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def cache_length(cache) -> int:
+    """Tokens already in `cache` (0 before the prefill)."""
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def cached_keys(cache, layer: int) -> torch.Tensor:
+    """Layer `layer`'s cached keys, post-rotary: [B, key/value heads, T, d] (DynamicCache's
+    per-layer `keys`, 5.x)."""
+    return cache.layers[layer].keys
+
+
+def cached_key_lengths(cache) -> list[int]:
+    """The number of cached tokens of every layer."""
+    return [layer.keys.shape[2] for layer in cache.layers]
+
+
+def output_cache(output):
+    """The cache a model's forward returned (`past_key_values` before 5.24, `cache` from 5.24)."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
+
+
+def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache,
+                position_ids: torch.Tensor, layer: int):
+    """The attention mask transformers' own layers would get at decoder layer `layer` for these
+    tokens and that cache."""
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=position_ids,
+                              layer_idx=layer)
+
+
+# --- transformers: where the parts of LLaVA and its towers are -------------------------------------
+
+def llava_core(model: torch.nn.Module) -> torch.nn.Module:
+    """LlavaModel, inside LlavaForConditionalGeneration or given itself."""
+    return getattr(model, "model", model)
+
+
+def is_llava(model: torch.nn.Module) -> bool:
+    return hasattr(llava_core(model), "vision_tower")
+
+
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    return llava_core(model).language_model
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return language_model(model).layers
+
+
+def decoder_layer_index(layer: torch.nn.Module) -> int:
+    return layer.self_attn.layer_idx
+
+
+def projector(model: torch.nn.Module) -> torch.nn.Module:
+    return llava_core(model).multi_modal_projector
+
+
+def set_projector(model: torch.nn.Module, module: torch.nn.Module) -> None:
+    llava_core(model).multi_modal_projector = module
+
+
+def set_vision_tower(model: torch.nn.Module, module: torch.nn.Module) -> None:
+    llava_core(model).vision_tower = module
+
+
+def text_parts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What LLaVA needs only for text: the language model and its head."""
+    return [language_model(model), *([model.lm_head] if hasattr(model, "lm_head") else [])]
+
+
+def vision_transformer(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding embeddings and encoder: a tower itself, the vision model inside a
+    projection variant, or LLaVA's vision tower."""
+    found = getattr(llava_core(model), "vision_tower", model)
+    return getattr(found, "vision_model", found)
+
+
+def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return vision_transformer(model).encoder.layers
+
+
+def tower_stem(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules before the first encoder layer: embeddings, and CLIP's pre-layernorm."""
+    inner = vision_transformer(model)
+    return [inner.embeddings, *([inner.pre_layrnorm] if hasattr(inner, "pre_layrnorm") else [])]
+
+
+def key_projection(layer: torch.nn.Module) -> torch.nn.Module:
+    """An encoder layer's key projection (its output: [B, N, heads · d])."""
+    return layer.self_attn.k_proj
+
+
+def attention_heads(layer: torch.nn.Module) -> int:
+    return layer.self_attn.num_heads
+
+
+def encoder_layer_forward(layer: torch.nn.Module, hidden_states: torch.Tensor, select, **kwargs) -> torch.Tensor:
+    """CLIPEncoderLayer / SiglipEncoderLayer forward (the same in 5.16–5.24), with `select` applied
+    to the tokens after the attention residual, before layer_norm2 and the MLP."""
+    residual = hidden_states
+    hidden_states, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states), attention_mask=None, **kwargs)
+    hidden_states = select(residual + hidden_states)
+    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+
+
+def feature_layer_index(feature_layer: int, depth: int) -> int:
+    """How many encoder layers feed LLaVA's `vision_feature_layer`: hidden_states[i] is the output
+    of layer i - 1 (hidden_states[0] is the embeddings), and negative indices count from the end."""
+    return feature_layer % (depth + 1)
