@@ -14,6 +14,7 @@ from . import ops
 from .adapters import find_adapter
 from .config import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from .errors import InputError
+from .runtime.graph import record_in_graph
 
 # Protobuf cannot hold more than 2 GiB; above this the weights go to `<model>.onnx.data`.
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -40,6 +41,9 @@ def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int,
             custom_translation_table=ops.CUSTOM_TRANSLATION_TABLE)
     function = ir.serde.deserialize_function(ops.function_proto(opset))
     program.model.functions[function.identifier()] = function
+    if state is not None:  # the manifest is checked against this record (runtime.graph)
+        record_in_graph(program.model.metadata_props, state.schedule.as_dict(),
+                        {"tau": state.tau, "K": state.vote_k, "gamma": state.gamma})
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=external)
     onnx.checker.check_model(str(path), full_check=True)

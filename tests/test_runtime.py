@@ -1,5 +1,6 @@
 """saint_export.runtime: torch-free, checks folders before running them, numpy in and out."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -155,3 +156,91 @@ def test_images_are_preprocessed_with_the_manifest(exported, photo_folder):
     assert [p.name for p, _ in images.unreadable] == ["notes.jpg"]
     with pytest.raises(rt.InputError, match="no readable images"):
         rt.load_images([photo_folder / "notes.jpg"], exported.manifest.preprocess)
+
+
+def edited_copy(folder, tmp_path, edit):
+    """A copy of `folder` whose manifest.json was changed by `edit(dict)`, checksums untouched."""
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def _set(*path_and_value):
+    *path, key, value = path_and_value
+
+    def edit(manifest):
+        target = manifest
+        for part in path:
+            target = target[part]
+        target[key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, field, said, found", [
+    (_set("keep_schedule", "blocks", 2, "dropped", 17), "keep_schedule.blocks[2].dropped", "17", "16"),
+    (_set("keep_schedule", "spec", "early25"), "keep_schedule.spec", "early25", "early50"),
+    (_set("keep_schedule", "num_protected", 0), "keep_schedule.num_protected", "0", "1"),
+    (_set("input", "shape", 2, 224), "input.shape[2]", "224", "160"),
+    (_set("input", "dtype", "float16"), "input.dtype", "float16", "float32"),
+    (_set("output", "shape", 1, 10), "output.shape[1]", "10", "1000"),
+    (_set("output", "name", "probabilities"), "output.name", "probabilities", "logits"),
+    (_set("saint", "tau", 0.8), "saint.tau", "0.8", "0.75"),
+    (_set("saint", "K", 4), "saint.K", "4", "5"),
+    (_set("onnx", "operator", "plugin_version", "2"), "operator_nodes[0].plugin_version", "2", "1"),
+])
+def test_an_edited_manifest_is_refused_with_the_field_named(exported, tmp_path, edit, field, said, found):
+    folder = edited_copy(exported.folder, tmp_path, edit)
+    with pytest.raises(rt.InputError) as caught:
+        rt.open(folder)
+    message = str(caught.value)
+    assert f"disagrees with model.onnx on {field} (manifest: {said}, graph: {found})" in message
+    assert "\n" not in message
+
+
+def test_a_graph_without_the_record_is_still_checked_on_its_operator_nodes(exported, tmp_path):
+    """Folders exported before the graph carried the schedule: the SimilarityTopK attributes decide."""
+    import onnx
+
+    from saint_export.artifacts import sha256
+
+    def strip_record_and_raise_a_drop(manifest):
+        manifest["keep_schedule"]["blocks"][0]["dropped"] += 1
+
+    folder = edited_copy(exported.folder, tmp_path, strip_record_and_raise_a_drop)
+    model = onnx.load(str(folder / "model.onnx"))
+    del model.metadata_props[:]
+    onnx.save(model, str(folder / "model.onnx"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = {"sha256": sha256(folder / "model.onnx"),
+                                       "bytes": (folder / "model.onnx").stat().st_size}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(rt.InputError, match=r"on operator_nodes\[0\]\.drop \(manifest: 18, graph: 17\)"):
+        rt.open(folder)
+    manifest["keep_schedule"]["blocks"][0]["dropped"] -= 1  # the true manifest opens
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rt.open(folder).close()
+
+
+def test_the_cli_refuses_an_edited_manifest_in_one_line(exported, tmp_path, capsys):
+    from conftest import only_error_line, run
+
+    folder = edited_copy(exported.folder, tmp_path, _set("keep_schedule", "blocks", 0, "dropped", 18))
+    code, _, err = run(capsys, "infer", str(folder), str(tmp_path / "none.jpg"))
+    assert code == 2 and "keep_schedule.blocks[0].dropped (manifest: 18, graph: 17)" in only_error_line(err)
+
+
+def test_an_edited_degree_schedule_is_refused(tmp_path):
+    """The degree rule exports as TopK (no SimilarityTopK node): the graph's own record decides."""
+    import saint_export as se
+
+    result = se.export("test_vit", tmp_path / "degree", weights="random",
+                       config=se.ExportConfig(keep_schedule="degree50@2", target="onnx", parity_images=2))
+    rt.open(result.folder).close()
+    for edit, field in [(_set("keep_schedule", "blocks", 2, "dropped", 49), "keep_schedule.blocks[2].dropped"),
+                        (_set("keep_schedule", "r0", 3), "keep_schedule.r0")]:
+        folder = edited_copy(result.folder, tmp_path / field, edit)
+        with pytest.raises(rt.InputError, match=rf"on {re.escape(field)} \(manifest: \d+, graph: \d+\)"):
+            rt.open(folder)

@@ -19,6 +19,7 @@ from ..artifacts import sha256
 from ..errors import BackendError, InputError
 from ..images import Images, Preprocess, load_images
 from ..manifest import EngineRecord, Manifest
+from .graph import check_graph
 from .runners import OrtRunner, Runner, TrtRunner
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda")
@@ -61,8 +62,9 @@ def open(folder, backend: str = "auto", *, allow_unverified: bool = False, plugi
 
 
 def check_folder(folder: Path, allow_unverified: bool = False) -> Manifest:
-    """The folder's manifest, once every file it lists matches its size and sha256 and the folder
-    passed its parity gate (or `allow_unverified`)."""
+    """The folder's manifest, once every file it lists matches its size and sha256, what it says
+    of the graph (inputs, outputs, schedule, operator attributes) matches the ONNX file, and the
+    folder passed its parity gate (or `allow_unverified`)."""
     folder = Path(folder)
     manifest = Manifest.read(folder)
     for name, record in manifest.files.items():
@@ -75,6 +77,7 @@ def check_folder(folder: Path, allow_unverified: bool = False) -> Manifest:
     for needed in [manifest.onnx["file"]] + ([manifest.engine.file] if manifest.engine else []):
         if needed not in manifest.files:
             raise InputError(f"{folder}: the manifest lists no checksum for {needed}")
+    check_graph(folder, manifest)
     if not manifest.verified and not allow_unverified:
         raise InputError(f"{folder} did not pass a parity gate ({manifest.verification}); re-export it with "
                          "verification, or allow unverified folders explicitly")

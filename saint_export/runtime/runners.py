@@ -139,9 +139,23 @@ class TrtRunner(Runner):
             raise BackendError(f"{backend.name} could not deserialize {self.path.name}: "
                                f"{'; '.join(logger.errors)[:500]}")
         self.backend = backend.name
+        self._check_io(input, output)
         self._pool: queue.Queue = queue.Queue()
         for _ in range(max(1, contexts)):
             self._pool.put((self.engine.create_execution_context(), cuda.Stream()))
+
+    def _check_io(self, *records: TensorRecord) -> None:
+        """The engine's inputs and outputs are the manifest's (-1 is TensorRT's dynamic axis)."""
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        for record in records:
+            if record.name not in names:
+                raise InputError(f"{self.path.name} has no tensor {record.name!r} (it has {', '.join(sorted(names))}): "
+                                 "the manifest belongs to another engine")
+            shape = list(self.engine.get_tensor_shape(record.name))
+            expected = [-1 if d == "batch" else d for d in record.shape]
+            if len(shape) != len(expected) or any(e is not None and e != d for e, d in zip(expected, shape)):
+                raise InputError(f"{self.path.name}: {record.name} is {shape} in the engine but "
+                                 f"{record.shape} in the manifest")
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         cuda = self._cuda
