@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from .config import DEFAULT_OPSET, PRECISIONS, TARGETS
 from .errors import BackendError, GateFailed, InputError
 
 EXIT_OK, EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-COMMANDS = ("export", "calibrate", "check", "infer", "eval", "triton", "serve")
+COMMANDS = ("export", "calibrate", "check", "infer", "eval", "triton", "serve", "vllm")
 MODES = ("vit", "llm", "hybrid")
 
 
@@ -154,6 +155,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="classes returned by the image model (default 5)")
     p.add_argument("--allow-unverified", action="store_true", help="serve a folder that did not pass a parity gate")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+    p = sub.add_parser("vllm", help="serve a LLaVA checkpoint on vLLM with SAINT in its vision tower "
+                       "(other arguments go to vLLM's server)")
+    p.add_argument("checkpoint", help="checkpoint folder or hub id")
+    p.add_argument("-s", "--keep-schedule", required=True, help="the tower's static keep schedule, e.g. degree375@19")
+    p.add_argument("--tau", type=float, default=spec.TAU, help=f"similarity threshold τ (default {spec.TAU})")
+    p.add_argument("--K", type=int, default=spec.VOTE_K, help=f"votes that make a row redundant (default {spec.VOTE_K})")
+    p.add_argument("--gamma", type=float, default=spec.GAMMA, help=f"score sharpness γ (default {spec.GAMMA:g})")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return parser
 
 
@@ -181,12 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "export")
-    args = _parser().parse_args(argv)
+    if argv[0] == "vllm":  # the arguments saint-export does not know are vLLM's
+        args, args.vllm_args = _parser().parse_known_args(argv)
+    else:
+        args = _parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so staged output is cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         return {"export": export, "calibrate": calibrate, "check": check, "infer": infer,
-                "eval": evaluate, "triton": triton, "serve": serve}[args.command](args)
+                "eval": evaluate, "triton": triton, "serve": serve, "vllm": vllm}[args.command](args)
     except KeyboardInterrupt:
         _err("saint-export: interrupted; nothing was written")
         return EXIT_INTERRUPTED
@@ -431,6 +444,30 @@ def serve(args) -> int:
         return EXIT_OK
     finally:
         service.stop()
+
+
+def vllm(args) -> int:
+    """Check everything in one line each, then become vLLM's server (so that its signals, exit
+    code and shutdown are vLLM's own)."""
+    import json
+
+    from . import vllm as plugin
+
+    plugin.check_version()
+    extra, overrides = list(args.vllm_args), {}
+    if "--hf-overrides" in extra:  # the user's own overrides, with ours added
+        at = extra.index("--hf-overrides")
+        try:
+            overrides = json.loads(extra[at + 1])
+        except (IndexError, ValueError) as err:
+            raise InputError(f"--hf-overrides must be followed by a JSON object ({err})") from None
+        del extra[at:at + 2]
+    overrides |= plugin.overrides(args.keep_schedule, args.tau, args.K, args.gamma)
+    found = plugin.check(args.checkpoint, overrides)
+    _err(f"SAINT {found.schedule.spec}: {found.tokens} of {found.unpruned_tokens} image tokens per image; "
+         "starting vLLM's OpenAI-compatible server …")
+    command = plugin.serve_command(args.checkpoint, overrides, extra)
+    os.execv(command[0], command)
 
 
 if __name__ == "__main__":

@@ -93,18 +93,25 @@ def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50",
         llm_tau = spec.LLM_TAU if llm_tau is None else llm_tau
         check_hyperparameters(llm_tau, K, gamma)
         resolved_llm = llm.resolve(llm_schedule, model, None if schedule.drops is None else sum(schedule.drops))
-    state = SaintState(schedule, float(tau), int(K), float(gamma))
-    counts = schedule.patch_counts()
-    droppers = {}
-    for block in schedule.pruning_blocks:
-        drop = None if schedule.drops is None else schedule.drops[block]
-        tokens_in = None if drop is None else counts[block] + info.num_protected
-        droppers[block] = TokenDropper(block, drop, tokens_in, state)
+    state, droppers = make_droppers(schedule, tau, K, gamma)
     adapter.patch(model, droppers)
     if llm_schedule is not None:
         llm.install(model, resolved_llm, llm_tau, K, gamma)
     model.saint = state
     return model
+
+
+def make_droppers(schedule: KeepSchedule, tau: float, K: int, gamma: float) -> tuple[SaintState, dict]:
+    """The state and the `TokenDropper` of every pruning block of a resolved schedule (also what
+    the vLLM plugin runs inside vLLM's own tower)."""
+    state = SaintState(schedule, float(tau), int(K), float(gamma))
+    counts = schedule.patch_counts()
+    droppers = {}
+    for block in schedule.pruning_blocks:
+        drop = None if schedule.drops is None else schedule.drops[block]
+        tokens_in = None if drop is None else counts[block] + schedule.num_protected
+        droppers[block] = TokenDropper(block, drop, tokens_in, state)
+    return state, droppers
 
 
 @contextlib.contextmanager

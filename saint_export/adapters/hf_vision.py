@@ -138,29 +138,45 @@ layers = compat.encoder_layers
 
 def num_protected(model: torch.nn.Module) -> int:
     """1 for CLIP (its CLS token), 0 for SigLIP (no class token)."""
-    return 1 if tower(model).config.model_type.startswith("clip") else 0
+    return _protected(tower(model).config)
+
+
+def _protected(vision_config) -> int:
+    return 1 if vision_config.model_type.startswith("clip") else 0
 
 
 def feature_depth(model: torch.nn.Module) -> int:
     """The layers whose output reaches the features: all of a tower's; LLaVA's up to its feature
     layer (hidden_states[i] is the output of layer i - 1)."""
-    total = len(layers(model))
     if not is_llava(model):
-        return total
-    layer = model.config.vision_feature_layer
+        return len(layers(model))
+    return _llava_feature_depth(model.config, type(model).__name__)
+
+
+def _llava_feature_depth(config, name: str) -> int:
+    layer, total = config.vision_feature_layer, config.vision_config.num_hidden_layers
     if not isinstance(layer, int):
-        raise unsupported(f"{type(model).__name__} with several vision feature layers {layer} (pruning between "
+        raise unsupported(f"{name} with several vision feature layers {layer} (pruning between "
                           "them would break their concatenation)")
     index = compat.feature_layer_index(layer, total)
     if index == 0:
-        raise unsupported(f"{type(model).__name__} taking the tower's embeddings (vision_feature_layer {layer})")
+        raise unsupported(f"{name} taking the tower's embeddings (vision_feature_layer {layer})")
     return index
 
 
 def describe(model: torch.nn.Module) -> ModelInfo:
-    config = tower(model).config
-    return ModelInfo(depth=feature_depth(model), num_patches=(config.image_size // config.patch_size) ** 2,
-                     num_protected=num_protected(model), embed_dim=config.hidden_size,
+    return _info(tower(model).config, feature_depth(model))
+
+
+def describe_llava_config(config, name: str = "LLaVA") -> ModelInfo:
+    """`describe` for a LLaVA config without its model (the vLLM plugin's view of the tower)."""
+    return _info(config.vision_config, _llava_feature_depth(config, name))
+
+
+def _info(vision_config, depth: int) -> ModelInfo:
+    config = vision_config
+    return ModelInfo(depth=depth, num_patches=(config.image_size // config.patch_size) ** 2,
+                     num_protected=_protected(config), embed_dim=config.hidden_size,
                      mlp_ratio=config.intermediate_size / config.hidden_size, img_size=config.image_size,
                      patch_size=config.patch_size)
 
@@ -261,10 +277,14 @@ def features_record(model: torch.nn.Module, dropped: int) -> dict | None:
 
 
 def image_token_counts(model: torch.nn.Module, dropped: int) -> tuple[int, int]:
-    """LLaVA's image features per image: (unpruned, after `dropped` tokens are gone). The
-    'default' strategy removes the tower's first token (CLS), 'full' keeps every token."""
-    info = describe(model)
-    removed = 1 if model.config.vision_feature_select_strategy == "default" else 0
+    """LLaVA's image features per image: (unpruned, after `dropped` tokens are gone)."""
+    return llava_image_token_counts(model.config, describe(model), dropped)
+
+
+def llava_image_token_counts(config, info: ModelInfo, dropped: int) -> tuple[int, int]:
+    """The same from a LLaVA config and its tower's ModelInfo. The 'default' strategy removes the
+    tower's first token (CLS), 'full' keeps every token."""
+    removed = 1 if config.vision_feature_select_strategy == "default" else 0
     tokens = info.num_patches + info.num_protected - removed
     return tokens, tokens - dropped
 

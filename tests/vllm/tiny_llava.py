@@ -1,0 +1,77 @@
+"""A tiny random LLaVA-1.5-shaped checkpoint that vLLM and transformers both load offline: CLIP
+tower (112 px, patch 14: 64 patches + CLS, feature layer -2, 'default' selection), a 2-layer
+Llama, a byte-level BPE tokenizer trained here with `<image>` as a special token, the processor
+and a chat template."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+IMAGE_TOKEN = "<image>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+CORPUS = ["USER: What is in this picture? ASSISTANT: a cat on a red sofa near the window.",
+          "Describe the image in detail, please. The sky is blue and the grass is green.",
+          "How many objects are there? There are three apples and two oranges on the table."] * 20
+
+
+def build(folder: Path, seed: int = 0) -> Path:
+    """Write the checkpoint to `folder` (save_pretrained layout vLLM reads) and return it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    folder = Path(folder)
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    image_token_id = fast.convert_tokens_to_ids(IMAGE_TOKEN)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=112, patch_size=14, projection_dim=64)
+    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=512,
+                       bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=64)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random weights with some structure, so that tokens differ and generation varies
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    _hub_layout(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=fast, patch_size=14,
+                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                               num_additional_image_tokens=1)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _hub_layout(folder: Path) -> None:
+    """transformers 5.x saves the tower as `vision_tower.embeddings.*`; vLLM (and the hub's
+    checkpoints) name it `vision_tower.vision_model.embeddings.*`. transformers reads both."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    renamed = {}
+    for key, value in state.items():
+        for prefix in ("model.vision_tower.", "vision_tower."):
+            if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+                key = prefix + "vision_model." + key[len(prefix):]
+                break
+        renamed[key] = value
+    save_file(renamed, path, metadata={"format": "pt"})
