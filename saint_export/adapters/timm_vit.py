@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from .. import compat
 from ..compat import import_torchvision
 
 import_torchvision()  # before timm, which imports torchvision
@@ -176,32 +176,15 @@ def class_indices(model: VisionTransformer, class_names) -> dict[str, int]:
 class SaintBlock(Block):
     """Block whose MLP runs on the tokens SAINT keeps (selection after the attention residual).
 
-    Modifications to timm's `Block.forward` (timm 1.0.x): the attention is `attention_with_keys`,
+    Modifications to timm's `Block.forward` (timm 1.0.x): the attention is `timm_attention_with_keys`,
     the selection runs between the attention residual and the MLP, and masks are refused."""
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         if attn_mask is not None or is_causal:
             raise InputError("SAINT pruning blocks do not support attention masks")
-        attended, keys = attention_with_keys(self.attn, self.norm1(x))
+        attended, keys = compat.timm_attention_with_keys(self.attn, self.norm1(x))
         x = x + self.drop_path1(self.ls1(attended))
         keep_index = self.saint_dropper(keys)
         if keep_index is not None:
             x = gather_tokens(x, keep_index)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-def attention_with_keys(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm `Attention.forward` (fused path, timm 1.0.x), also returning the keys averaged over heads.
-
-    The keys are taken before q/k-norm, as in the reference implementation.
-    """
-    B, N, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    keys = k.mean(1)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    x = attn.norm(x.transpose(1, 2).reshape(B, N, attn.attn_dim))
-    if gate is not None:
-        x = x * gate
-    return attn.proj_drop(attn.proj(x)), keys
