@@ -21,41 +21,57 @@ CORPUS = ["USER: What is in this picture? ASSISTANT: a cat on a red sofa near th
 
 
 def build(folder: Path, seed: int = 0) -> Path:
-    """Write the checkpoint to `folder` (save_pretrained layout vLLM reads) and return it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    """Write the tiny checkpoint to `folder` (save_pretrained layout vLLM reads) and return it."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    folder = Path(folder)
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
-    image_token_id = fast.convert_tokens_to_ids(IMAGE_TOKEN)
+    tokenizer = make_tokenizer()
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
                               image_size=112, patch_size=14, projection_dim=64)
     text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=512,
-                       bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         image_seq_length=64)
+                       num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=64)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # random weights with some structure, so that tokens differ and generation varies
         for parameter in model.parameters():
             if parameter.dim() > 1:
                 parameter.normal_(0, 0.2)
+    return save(model, tokenizer, folder)
+
+
+def make_tokenizer():
+    """A byte-level BPE trained on a small corpus, with `<image>` as a special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+
+
+def save(model, tokenizer, folder: Path) -> Path:
+    """`model` (a LlavaForConditionalGeneration), `tokenizer` and a LLaVA processor for the model's
+    tower, written to `folder` as vLLM reads a checkpoint."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    folder = Path(folder)
+    model.config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     model.save_pretrained(folder)
     _hub_layout(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=fast, patch_size=14,
-                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-                               num_additional_image_tokens=1)
+    vision = model.config.vision_config
+    side = vision.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+                               vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                               chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1)
     processor.save_pretrained(folder)
     return folder
 
@@ -65,13 +81,21 @@ def _hub_layout(folder: Path) -> None:
     checkpoints) name it `vision_tower.vision_model.embeddings.*`. transformers reads both."""
     from safetensors.torch import load_file, save_file
 
-    path = folder / "model.safetensors"
-    state = load_file(path)
-    renamed = {}
-    for key, value in state.items():
-        for prefix in ("model.vision_tower.", "vision_tower."):
-            if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
-                key = prefix + "vision_model." + key[len(prefix):]
-                break
-        renamed[key] = value
-    save_file(renamed, path, metadata={"format": "pt"})
+    for path in folder.glob("model*.safetensors"):
+        renamed = {}
+        for key, value in load_file(path).items():
+            for prefix in ("model.vision_tower.", "vision_tower."):
+                if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+                    key = prefix + "vision_model." + key[len(prefix):]
+                    break
+            renamed[key] = value
+        save_file(renamed, path, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        import json
+
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+                              if "vision_tower." in k and "vision_model." not in k else k: v
+                              for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
