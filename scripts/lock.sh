@@ -9,7 +9,7 @@
 #   usage: scripts/lock.sh [--upgrade]     (without --upgrade, pins already in a lock are kept)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v uv >/dev/null || { echo "scripts/lock.sh needs uv: pip install uv" >&2; exit 2; }
+command -v uv >/dev/null || { echo "scripts/lock.sh needs uv (the dev install has it)" >&2; exit 2; }
 
 # torch's CPU build is not on PyPI: it comes from a folder of wheels where the machine has one
 # (this project's CI machines keep it in /opt/wheels), else from PyTorch's own CPU index.

