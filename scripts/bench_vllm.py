@@ -6,7 +6,7 @@ beside the FLOPs-ideal ratios (the README's vLLM table). Runs in vLLM's environm
 
 The model has random weights (latency does not depend on them): LLaVA-1.5's CLIP ViT-L/14-336
 tower and projector at full size and a Llama of --text-layers × --text-hidden, in bf16, with the
-tokenizer and processor of tests/vllm/tiny_llava.py. One server per schedule, all started first,
+tokenizer and processor of tests/vllm_plugin/tiny_llava.py. One server per schedule, all started first,
 then rounds that go through the servers in turn (one request or one burst at a time, so the
 servers never compete); medians over rounds. Prefix and image caching are off, and every request
 has an image of its own.
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests" / "vllm")]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests" / "vllm_plugin")]
 
 import bench_vlm  # noqa: E402  (the model and its MACs)
 import tiny_llava  # noqa: E402  (tokenizer, processor, vLLM's checkpoint layout)

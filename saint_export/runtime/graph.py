@@ -32,8 +32,8 @@ def check_graph(folder: Path, manifest) -> None:
     path = Path(folder) / manifest.onnx["file"]
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # protobuf's DecodeError and friends: the file's checksum matched, so it was written so
-        raise InputError(f"{path} is not a readable ONNX model: {str(err).splitlines()[0]}") from None
+    except Exception:  # protobuf's DecodeError and friends: no graph to compare with; the backend that
+        return         # loads it next refuses the file in its own words (a BackendError)
     graph = _graph_facts(model)
     claimed = _manifest_facts(manifest, has_metadata="keep_schedule" in graph)
     difference = _first_difference(claimed, graph)

@@ -2,6 +2,7 @@
 vLLM takes our exported features as image embeddings, bad settings are refused in one line, and
 the OpenAI-compatible server answers with the pruned prompt. A tiny random LLaVA, offline."""
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -14,14 +15,43 @@ from pathlib import Path
 
 import pytest
 
-vllm = pytest.importorskip("vllm", reason="needs vLLM's own environment: scripts/install_vllm.sh, then "
-                           ".venv-vllm/bin/python -m pytest tests/vllm")
+if importlib.util.find_spec("vllm") is None:  # before the settings below, which must precede vLLM's import
+    pytest.skip("needs vLLM's own environment: scripts/install_vllm.sh, then .venv-vllm/bin/python -m pytest "
+                "tests/vllm_plugin", allow_module_level=True)
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: seconds, not tens
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
 
 import saint_export as se  # noqa: E402
 from saint_export import vllm as plugin  # noqa: E402
 from saint_export.errors import InputError  # noqa: E402
+
+import tiny_llava  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    return tiny_llava.build(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Two images with flat regions (similar keys, so SAINT has something to drop), different sizes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for size in ((112, 112), (150, 200)):
+        blocks = rng.integers(0, 255, (4, 4, 3))
+        base = np.kron(blocks, np.ones((size[0] // 4 + 1, size[1] // 4 + 1, 1)))[:size[0], :size[1]]
+        out.append(Image.fromarray((base + rng.integers(0, 10, (*size, 3))).clip(0, 255).astype("uint8")))
+    return out
+
 
 PROMPT = "USER: <image>\nWhat is in this picture? ASSISTANT:"
 NEW_TOKENS = 8
@@ -50,13 +80,13 @@ def transformers_greedy(checkpoint, images, schedule, tau):
 
 
 def vllm_engine(checkpoint, **kwargs):
-    return vllm.LLM(model=str(checkpoint), enforce_eager=True, dtype="float32", max_model_len=512,
+    return LLM(model=str(checkpoint), enforce_eager=True, dtype="float32", max_model_len=512,
                     limit_mm_per_prompt={"image": 1}, **kwargs)
 
 
 def vllm_greedy(llm, items):
     outputs = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": item}} for item in items],
-                           vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+                           SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
     return [len(o.prompt_token_ids) for o in outputs], [list(o.outputs[0].token_ids) for o in outputs]
 
 
