@@ -51,7 +51,7 @@ class SaintLlavaForConditionalGeneration(llava.LlavaForConditionalGeneration):
             return
         if config.vision_config.model_type == "pixtral":
             _refuse("Pixtral-HF towers")
-        self.saint_state, self.saint_droppers = make_droppers(found.schedule, found.tau, found.K, found.gamma)
+        _, self.saint_droppers = make_droppers(found.schedule, found.tau, found.K, found.gamma)
         layers = self.vision_tower.vision_model.encoder.layers
         for index in self.saint_droppers:  # the keys, read off the fused projection as the layer computes them
             layers[index].saint_qkv = []
