@@ -2,7 +2,7 @@
 pyproject.toml allows, every release saint_export/compat.py lists as tested, and the newest
 release the range allows, one library at a time, everything else as the lock has it.
 
-    python scripts/check_deps.py                       # all watched libraries (about 45 minutes here)
+    python scripts/check_deps.py                       # all watched libraries (about 45 minutes here, 18 cases)
     python scripts/check_deps.py transformers timm     # some of them
     python scripts/check_deps.py --all-tests           # the whole suite in every case
     python scripts/check_deps.py --write-docs          # also put the table in docs/dependencies.md
