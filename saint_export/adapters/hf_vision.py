@@ -173,8 +173,8 @@ def describe_llava_config(config, name: str = "LLaVA") -> ModelInfo:
     return _info(config.vision_config, _llava_feature_depth(config, name))
 
 
-def _info(vision_config, depth: int) -> ModelInfo:
-    config = vision_config
+def _info(config, depth: int) -> ModelInfo:
+    """ModelInfo of a vision config whose first `depth` layers feed the features."""
     return ModelInfo(depth=depth, num_patches=(config.image_size // config.patch_size) ** 2,
                      num_protected=_protected(config), embed_dim=config.hidden_size,
                      mlp_ratio=config.intermediate_size / config.hidden_size, img_size=config.image_size,

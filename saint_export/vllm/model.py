@@ -11,6 +11,8 @@ then kill the engine.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import compat
@@ -28,9 +30,14 @@ from . import settings  # noqa: E402
 class SaintLlavaProcessingInfo(llava.LlavaProcessingInfo):
     """vLLM's LLaVA processing info with K placeholders per image when the config has `saint`."""
 
+    @functools.cached_property
+    def saint(self):
+        """The model's resolved `saint` entry, once per processor (not once per image)."""
+        return settings(self.get_hf_config())
+
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         unpruned = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        found = settings(self.get_hf_config())
+        found = self.saint
         if found is None:
             return unpruned
         if unpruned != found.unpruned_tokens:  # the tower's input size is fixed: every image is resized to it
