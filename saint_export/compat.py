@@ -216,3 +216,108 @@ def timm_attention_with_keys(attn, x: "torch.Tensor") -> "tuple[torch.Tensor, to
     if gate is not None:
         x = x * gate
     return attn.proj_drop(attn.proj(x)), keys
+
+
+# --- transformers: Qwen2.5-VL (5.24: the vision helpers of transformers.vision_utils, the
+# `mm_token_type_ids` of get_rope_index and the `mm_encoder_outputs` forward argument) -----------
+# Older releases lay the tower out differently (no vision_utils, another rotary module), so the
+# Qwen family needs this release or later; LLaVA keeps the whole tested range.
+QWEN_MIN = "5.24.0"
+
+
+def require_transformers(minimum: str, what: str) -> None:
+    from packaging.version import Version
+    from transformers import __version__
+
+    from .errors import InputError
+
+    if Version(__version__) < Version(minimum):
+        raise InputError(f"{what} needs transformers ≥ {minimum}, this environment has {__version__}")
+
+
+def qwen_core(model: torch.nn.Module) -> torch.nn.Module:
+    """Qwen2_5_VLModel, inside Qwen2_5_VLForConditionalGeneration or given itself."""
+    return getattr(model, "model", model)
+
+
+def qwen_visual(model: torch.nn.Module) -> torch.nn.Module:
+    return qwen_core(model).visual
+
+
+def qwen_vision_layout(visual: torch.nn.Module, grid_thw: torch.Tensor):
+    """For one image's (t, h, w) patch grid, how the tower lays its tokens out.
+
+    Returns (cos, sin) [N, head_dim] in window order, `window_index` [G] (the raster merge group of
+    each window-order group), and per window-order group the window it belongs to and its frame
+    (full-attention blocks attend within a frame, the others within a window)."""
+    import torch
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    grid = grid_thw.view(1, 3)
+    unit = visual.spatial_merge_unit
+    window_index, cu_windows = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                                       window_size=visual.window_size, patch_size=visual.patch_size)
+    positions = get_vision_position_ids(grid, visual.spatial_merge_size)
+    probe = torch.empty(0, dtype=visual.patch_embed.proj.weight.dtype, device=positions.device)
+    cos, sin = (f.reshape(-1, unit, f.shape[-1])[window_index].reshape(-1, f.shape[-1])
+                for f in visual.rotary_pos_emb(probe, positions))
+    windows = torch.repeat_interleave(torch.arange(len(cu_windows) - 1), (cu_windows.diff() // unit).long())
+    _, h, w = (int(v) for v in grid_thw)
+    frames = window_index // (h * w // unit)
+    return cos, sin, window_index, windows, frames
+
+
+def qwen_full_attention_blocks(visual: torch.nn.Module) -> tuple[int, ...]:
+    return tuple(visual.fullatt_block_indexes)
+
+
+def qwen_patch_embed(visual: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[N, C·T·P·P] flattened patches (the processor's layout) → [N, width]."""
+    return visual.patch_embed(pixel_values)
+
+
+def qwen_vision_attention(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention residual of Qwen2_5_VLVisionBlock on a batch of equally long images,
+    x [B, N, width], with `allowed` [B, 1, N, N] (None: every token sees every token) in place of
+    cu_seqlens. Also returns the keys before rotary embedding, averaged over heads: [B, N, d]."""
+    import torch.nn.functional as F
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    attn = block.attn
+    batch, tokens, width = x.shape
+    q, k, v = attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, -1).unbind(2)
+    keys = k.mean(2)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # [B, N, heads, d]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=allowed, scale=attn.scaling)
+    return x + attn.proj(out.transpose(1, 2).reshape(batch, tokens, width)), keys
+
+
+def qwen_vision_mlp(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP residual of Qwen2_5_VLVisionBlock."""
+    return x + block.mlp(block.norm2(x))
+
+
+def qwen_merge(visual: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The patch merger on whole groups: [B, 4·G, width] → [B, G, D_llm]."""
+    batch = x.shape[0]
+    return visual.merger(x).view(batch, -1, visual.merger.mlp[-1].out_features)
+
+
+def qwen_rope_index(model: torch.nn.Module, input_ids, mm_token_type_ids, image_grid_thw, attention_mask):
+    """transformers' M-RoPE positions of an unpruned prompt: ([3, B, T], deltas [B, 1])."""
+    return qwen_core(model).get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                           attention_mask=attention_mask)
+
+
+def qwen_set_rope_deltas(model: torch.nn.Module, deltas: torch.Tensor) -> None:
+    """Where the model keeps the offset its decoding positions add to the cache length."""
+    qwen_core(model).rope_deltas = deltas
+
+
+def qwen_image_output(features: list) -> dict:
+    """Image features per image as the forward's `mm_encoder_outputs` (5.24) takes them."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}}

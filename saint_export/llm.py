@@ -34,7 +34,8 @@ import torch
 from . import compat, core
 from .errors import InputError
 from .schedule import ScheduleError, _early_drops
-from .spec import drop_problem
+from .spec import TOPK_LIMIT, drop_problem
+from .vlm import column_index
 
 REFERENCE_LAYERS = (7, 16)  # of LLaVA-1.5-7B's 32 decoder layers
 OTHER_TOKENS = 36  # text and system tokens assumed beside the image for the prefill FLOPs ratio
@@ -44,13 +45,19 @@ OTHER_TOKENS = 36  # text and system tokens assumed beside the image for the pre
 class LlmSchedule:
     spec: str
     depth: int  # decoder layers
-    image_tokens: int  # image tokens per row entering the language model
-    drops: tuple[int, ...] | None  # after each layer; None for dynamic
+    image_tokens: int | None  # image tokens per row entering the language model; None: per row at prefill
+    drops: tuple[int, ...] | None  # after each layer; None for dynamic, or until a row's count is known
     dynamic_layers: tuple[int, int] | None = None  # first and last pruning layer of `dynamic`
+    _pruning_layers: tuple[int, ...] | None = None  # of a schedule resolved per row
 
     @classmethod
-    def parse(cls, spec: str, depth: int, image_tokens: int) -> "LlmSchedule":
+    def parse(cls, spec: str, depth: int, image_tokens: int | None) -> "LlmSchedule":
+        """`spec` for `depth` decoder layers and `image_tokens` per row (None: the syntax and the
+        layers are checked now, the counts per row at prefill with `for_row`)."""
         text = str(spec).strip()
+        if image_tokens is None and text != "none" and not text.startswith("dynamic"):
+            probe = cls.parse(text, depth, 2 * TOPK_LIMIT)  # a count every rule accepts: syntax and layers
+            return cls(text, depth, None, None, _pruning_layers=tuple(probe.pruning_layers))
         if text == "none":
             return cls(text, depth, image_tokens, (0,) * depth)
         match = re.fullmatch(r"dynamic(?:@(\d+)-(\d+))?", text)
@@ -85,10 +92,22 @@ class LlmSchedule:
         return cls(text, depth, image_tokens, drops)
 
     @property
+    def is_dynamic(self) -> bool:
+        return self.dynamic_layers is not None
+
+    @property
     def pruning_layers(self) -> list[int]:
-        if self.drops is None:
+        if self.is_dynamic:
             return list(range(self.dynamic_layers[0], self.dynamic_layers[1] + 1))
+        if self.drops is None:
+            return list(self._pruning_layers)
         return [i for i, r in enumerate(self.drops) if r]
+
+    def for_row(self, image_tokens: int) -> "LlmSchedule":
+        """This schedule for a row holding `image_tokens` image tokens."""
+        if self.image_tokens == image_tokens or self.is_dynamic:
+            return self
+        return LlmSchedule.parse(self.spec, self.depth, image_tokens)
 
     def counts(self) -> list[int]:
         """Image tokens entering each layer (static schedules)."""
@@ -101,13 +120,20 @@ class LlmSchedule:
         """Prefill cost of the decoder layers, pruned over unpruned, counting tokens per layer
         (linear layers dominate; attention's quadratic term is left out)."""
         if self.drops is None:
-            raise ScheduleError("the prefill FLOPs ratio of a dynamic LLM schedule depends on the data")
+            raise ScheduleError("the prefill FLOPs ratio of a dynamic or per-row LLM schedule depends on the data")
         counts = self.counts()
         return sum(counts[i] + other_tokens for i in range(self.depth)) / (self.depth * (counts[0] + other_tokens))
 
     def table(self) -> str:
-        lines = [f"LLM schedule {self.spec!r}: {self.depth} decoder layers, {self.image_tokens} image tokens per row",
+        tokens = "image tokens per row as each prompt holds" if self.image_tokens is None else \
+            f"{self.image_tokens} image tokens per row"
+        lines = [f"LLM schedule {self.spec!r}: {self.depth} decoder layers, {tokens}",
                  f"{'layer':>5}  {'image tokens in':>15}  {'dropped after':>13}"]
+        if self.image_tokens is None and not self.is_dynamic:
+            lines += [f"{i:>5}  {'?':>15}  {'per row' if i in self.pruning_layers else '0':>13}"
+                      for i in range(self.depth)]
+            lines.append("prefill FLOPs ratio: per row (dynamic resolution)")
+            return "\n".join(lines)
         if self.drops is None:
             first, last = self.dynamic_layers
             lines += [f"{i:>5}  {'?':>15}  {'dynamic' if first <= i <= last else '0':>13}" for i in range(self.depth)]
@@ -146,7 +172,7 @@ class LlmState:
 
 
 def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float) -> LlmState:
-    llava = compat.llava_core(model)
+    core_model = compat.llava_core(model)
     lm = compat.language_model(model)
     image_token = model.config.image_token_id
     state = LlmState(schedule, float(tau), int(vote_k), float(gamma))
@@ -157,14 +183,15 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
     if any(type(layer) is not base for layer in decoder_layers):
         raise InputError(f"{type(lm).__name__} mixes decoder layer types; LLM-side SAINT needs one")
 
-    def llava_pre_hook(module, args, kwargs):
+    def core_pre_hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or ids.shape[1] > 1:  # a prefill (decoding steps keep the prompt's mask)
             st["image"] = None if ids is None else ids == image_token
 
     def lm_pre_hook(module, args, kwargs):
         cache = compat.cache_argument(kwargs)
-        st["prefill"] = compat.cache_length(cache) == 0
+        st["past"] = compat.cache_length(cache)
+        st["prefill"] = st["past"] == 0
         st["mask2d"], st["step"] = kwargs.get("attention_mask"), {}
         if st["prefill"]:
             if cache is None and kwargs.get("use_cache") is False:
@@ -173,18 +200,12 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
             embeds = kwargs.get("inputs_embeds")
             if image is None or embeds is None or image.shape[1] != embeds.shape[1] or not bool(image.any()):
                 raise InputError("LLM-side SAINT needs image placeholders in input_ids: this prompt has no image span")
-            per_row = image.sum(1)
-            if bool((per_row != per_row[0]).any()):
-                raise InputError(f"LLM-side SAINT needs the same number of image tokens in every row, got "
-                                 f"{per_row.tolist()}")
-            if schedule.drops is not None and int(per_row[0]) != schedule.image_tokens:
-                raise InputError(f"the LLM schedule was resolved for {schedule.image_tokens} image tokens per row, "
-                                 f"but the prompt holds {int(per_row[0])}")
+            st["drops"] = _row_drops(schedule, image.sum(1).tolist())
             st.update(stages=[], T=embeds.shape[1], image_now=image,
                       original=torch.arange(embeds.shape[1], device=embeds.device).expand(len(image), -1))
         return None
 
-    llava.register_forward_pre_hook(llava_pre_hook, with_kwargs=True)
+    core_model.register_forward_pre_hook(core_pre_hook, with_kwargs=True)
     lm.register_forward_pre_hook(lm_pre_hook, with_kwargs=True)
 
     # The cache arrives in **kwargs under whichever name this transformers release uses, and is
@@ -197,49 +218,58 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
             attention_mask, position_ids, position_embeddings = stage["mask"], stage["pos"], stage["emb"]
         elif stage is not None:  # decoding: the stage's kept prompt columns plus the generated ones
             if stage["start"] not in st["step"]:
-                mask2d = None if st["mask2d"] is None else torch.cat([stage["mask2d"], st["mask2d"][:, st["T"]:]], 1)
+                mask2d = _decoding_mask(stage, st, hidden_states.shape[1])
                 st["step"][stage["start"]] = compat.causal_mask(lm.config, hidden_states, mask2d, cache,
                                                                 position_ids, layer=stage["start"])
             attention_mask = st["step"][stage["start"]]
         hidden_states = base.forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                      position_embeddings=position_embeddings, **kwargs)
         if st["prefill"] and i in pruning:
-            hidden_states = _prune(self, i, hidden_states, position_ids, position_embeddings, cache, stage)
+            hidden_states = _prune(i, hidden_states, position_ids, position_embeddings, cache, stage)
         return hidden_states
 
-    def _prune(layer, i, h, position_ids, position_embeddings, cache, stage):
-        batch, length, _ = h.shape
+    def _prune(i, h, position_ids, position_embeddings, cache, stage):
         image = st["image_now"]
-        n = int(image[0].sum())
-        image_index = image.nonzero()[:, 1].view(batch, n)  # ascending per row
         keys = compat.cached_keys(cache, i).mean(1)  # post-rotary, averaged over key/value heads: [B, T, d]
-        span_keys = keys.gather(1, image_index[..., None].expand(-1, -1, keys.shape[-1]))
-        static = schedule.drops is not None
-        keep, vote_rows = core.similarity_topk(span_keys.float(), 0, schedule.drops[i] if static else 0, state.tau,
-                                               state.vote_k, state.gamma)
-        r = schedule.drops[i] if static else core.dynamic_drop(vote_rows)
-        if not static:  # SAINT order with nothing protected: the r best-scored A tokens come first
-            keep = keep[:, r:]
-        kept_image = image_index.gather(1, keep.sort(dim=1).values)
+        spans, keeps, votes = [], [], []
+        for row in range(len(h)):  # rows may hold different numbers of image tokens
+            span = image[row].nonzero()[:, 0]  # ascending
+            drop = 0 if schedule.is_dynamic else st["drops"][row][i]
+            keep, vote_rows = core.similarity_topk(keys[row:row + 1, span].float(), 0, drop, state.tau,
+                                                   state.vote_k, state.gamma)
+            spans.append(span), keeps.append(keep[0]), votes.append(vote_rows)
+        if schedule.is_dynamic:  # SAINT order with nothing protected: the r best-scored A tokens come first
+            r = core.dynamic_drop(torch.cat(votes))
+            keeps, dropped = [keep[r:] for keep in keeps], [r] * len(h)
+        else:
+            dropped = [drops[i] for drops in st["drops"]]
+        kept_image = [span[keep.sort().values] for span, keep in zip(spans, keeps)]
         if state.trace is not None:
-            state.trace.append((i, r, st["original"].gather(1, kept_image)))
-        if r == 0:
+            kept = [st["original"][row, columns] for row, columns in enumerate(kept_image)]
+            even = len(set(dropped)) == 1 and len({len(k) for k in kept}) == 1
+            state.trace.append((i, dropped[0], torch.stack(kept)) if even else (i, dropped, kept))
+        if not any(dropped):
             return h
         keep_mask = ~image
-        keep_mask.scatter_(1, kept_image, True)
-        index = keep_mask.nonzero()[:, 1].view(batch, -1)  # ascending: causal order is kept
-
-        def gather(x):
-            x = x.expand(batch, *x.shape[1:])
-            return x.gather(1, index.view(batch, -1, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
-
-        h, positions = gather(h), gather(position_ids)
-        embeddings = tuple(gather(e) for e in position_embeddings)
+        for row, columns in enumerate(kept_image):
+            keep_mask[row, columns] = True
         previous = stage["mask2d"] if stage is not None else st["mask2d"]
-        mask2d = gather(previous) if previous is not None else None
-        st["image_now"], st["original"] = gather(image), gather(st["original"])
+        if previous is None and len(set(dropped)) > 1:  # rows now differ in length: padding needs a mask
+            previous = torch.ones_like(image, dtype=torch.long)
+        index, pad = column_index(keep_mask, left=True)
+
+        def gather(x, fill=None):
+            x = x.expand(len(h), *x.shape[1:])
+            out = x.gather(1, index.view(len(h), -1, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+            return out if fill is None else out.masked_fill(pad, fill)
+
+        h, embeddings = gather(h), tuple(gather(e) for e in position_embeddings)
+        positions = None if position_ids is None else gather(position_ids, 0)
+        mask2d = None if previous is None else gather(previous, 0)
+        st["image_now"], st["original"] = gather(image, False), gather(st["original"], 0)
         mask = compat.causal_mask(lm.config, h, mask2d, cache, positions, layer=i + 1)
-        st["stages"].append(dict(start=i + 1, mask=mask, pos=positions, emb=embeddings, mask2d=mask2d))
+        st["stages"].append(dict(start=i + 1, mask=mask, pos=positions, emb=embeddings, mask2d=mask2d,
+                                 length=h.shape[1]))
         return h
 
     saint_layer = type(f"Saint{base.__name__}", (base,), {"forward": forward, "__module__": __name__})
@@ -249,15 +279,51 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
     return state
 
 
-def resolve(spec: str, model, tower_dropped: int | None, name: str | None = None) -> LlmSchedule:
-    """`spec` for LLaVA `model` (called `name` in errors) whose tower drops `tower_dropped` tokens
-    per image (None: dynamic)."""
-    from .adapters import hf_vision
-    from .adapters.hf_vision import image_token_counts
+def _row_drops(schedule: LlmSchedule, image_tokens: list[int]) -> list[tuple[int, ...]] | None:
+    """Each row's drops per layer (None for dynamic). A schedule resolved for a count needs it in
+    every row; one resolved per row is checked against each row's count."""
+    if schedule.is_dynamic:
+        return None
+    if schedule.image_tokens is not None:
+        if any(n != schedule.image_tokens for n in image_tokens):
+            raise InputError(f"the LLM schedule was resolved for {schedule.image_tokens} image tokens per row, "
+                             f"but the prompts hold {image_tokens}")
+        return [schedule.drops] * len(image_tokens)
+    drops = []
+    for row, n in enumerate(image_tokens):
+        try:
+            drops.append(schedule.for_row(n).drops)
+        except ScheduleError as err:
+            raise ScheduleError(f"prompt row {row} ({n} image tokens): {err}") from None
+    return drops
 
-    if not (hf_vision.matches(model) and hf_vision.is_llava(model)):
-        raise InputError(f"an LLM schedule needs a LLaVA model, not {name or type(model).__name__}")
-    if tower_dropped is None:
-        raise InputError("an LLM schedule needs a static tower schedule (the image-token count must be known)")
-    depth = compat.language_model(model).config.num_hidden_layers
-    return LlmSchedule.parse(spec, depth, image_token_counts(model, tower_dropped)[1])
+
+def _decoding_mask(stage: dict, st: dict, new_tokens: int):
+    """The 2-D mask of a stage at a decoding step: its kept prompt columns, then the columns
+    generated since the prompt (all valid where the caller passed no mask)."""
+    if stage["mask2d"] is None and st["mask2d"] is None:
+        return None
+    prompt = stage["mask2d"]
+    if prompt is None:
+        prompt = torch.ones(len(st["mask2d"]), stage["length"], dtype=st["mask2d"].dtype, device=st["mask2d"].device)
+    if st["mask2d"] is not None:
+        generated = st["mask2d"][:, st["T"]:]
+    else:
+        generated = prompt.new_ones(len(prompt), st["past"] + new_tokens - st["T"])
+    return torch.cat([prompt, generated], 1)
+
+
+def resolve(spec: str, model, tower_dropped: int | None, name: str | None = None) -> LlmSchedule:
+    """`spec` for the VLM `model` (called `name` in errors) whose tower drops `tower_dropped`
+    tokens per image (None: dynamic). Its adapter says how many image tokens reach the language
+    model (`llm_image_tokens`; None: each row's own count, resolved at prefill)."""
+    from .adapters import find_adapter
+
+    try:
+        counter = getattr(find_adapter(model), "llm_image_tokens", None)
+    except InputError:
+        counter = None
+    if counter is None:
+        raise InputError(f"an LLM schedule needs a VLM (LLaVA or Qwen2.5-VL), not {name or type(model).__name__}")
+    image_tokens = counter(model, tower_dropped)
+    return LlmSchedule.parse(spec, compat.language_model(model).config.num_hidden_layers, image_tokens)

@@ -21,7 +21,7 @@ from .errors import InputError
 
 @torch.no_grad()
 def fit_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: int, image_token: int,
-               original: int, kept: int, pad_token: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+               original: int, kept: int, pad_token: int) -> list:
     """Cut each image's `original` placeholders to its first `kept` when the prompt holds
     `original` per image; leave a prompt with `kept` per image alone. Returns ids and mask, padded
     again on the side the input was padded on."""
@@ -37,23 +37,37 @@ def fit_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, ima
     rank = is_image.cumsum(1) - 1
     keep = ~is_image | (rank % original < kept)
     left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
-    rows = [input_ids[r][keep[r]] for r in range(len(input_ids))]
-    masks = [attention_mask[r][keep[r]] for r in range(len(input_ids))] if attention_mask is not None else None
-    width = max(len(row) for row in rows)
-    if masks is None and any(len(row) != width for row in rows):  # rows now differ: a mask is needed
-        masks, left = [torch.ones_like(row) for row in rows], True
+    return repack(keep, [(input_ids, pad_token), (attention_mask, 0)], left)
 
-    def pad(items, value):
-        out = torch.full((len(items), width), value, dtype=items[0].dtype, device=items[0].device)
-        for i, item in enumerate(items):
-            if left:
-                out[i, width - len(item):] = item
-            else:
-                out[i, :len(item)] = item
-        return out
 
-    return pad(rows, pad_token), (pad(masks, 0) if masks is not None else None)
+def repack(keep: torch.Tensor, columns: list, left: bool) -> list:
+    """Keep the columns `keep` [B, T] marks in each row of each (tensor [..., B, T], pad value) of
+    `columns` (None passes through), padded again to the longest row on the left or the right.
+    When rows end up of different lengths and there is no mask (the second item), one is made."""
+    if columns[1][0] is None and bool((keep.sum(1) != keep.sum(1).max()).any()):
+        columns = [columns[0], (torch.ones_like(keep, dtype=torch.long), 0), *columns[2:]]
+        left = True
+    index, pad = column_index(keep, left)
+    out = []
+    for tensor, value in columns:
+        if tensor is None:
+            out.append(None)
+            continue
+        gathered = tensor.gather(-1, index.expand(*tensor.shape[:-2], -1, -1))
+        out.append(gathered.masked_fill(pad, value))
+    return out
 
+
+def column_index(keep: torch.Tensor, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns `keep` [B, T] marks, row by row in order, padded to the longest row: (index
+    [B, W], pad [B, W] True at the padding slots, which point at column 0)."""
+    lengths = keep.sum(1)
+    width = int(lengths.max())
+    slots = torch.arange(width, device=keep.device).expand(len(keep), -1)
+    pad = slots < (width - lengths)[:, None] if left else slots >= lengths[:, None]
+    index = torch.zeros(len(keep), width, dtype=torch.long, device=keep.device)
+    index[~pad] = keep.nonzero()[:, 1]
+    return index, pad
 
 def install(model, original: int, kept: int) -> None:
     """Make `model` (LlavaForConditionalGeneration or LlavaModel) accept prompts with `original`

@@ -76,7 +76,7 @@ def test_llm_schedule_is_recorded_for_pytorch_and_checked_first(tmp_path):
                                   ("span50@1-9", "layers 1-9 are not within 0-3")]:
         with pytest.raises(se.InputError, match=message):
             se.export(tiny_llava(), tmp_path / "g", se.ExportConfig(llm_schedule=llm_schedule, **ONNX_ONLY))
-    with pytest.raises(se.InputError, match="an LLM schedule needs a LLaVA model"):
+    with pytest.raises(se.InputError, match="an LLM schedule needs a VLM"):
         se.export(make_tower("clip"), tmp_path / "g", se.ExportConfig(llm_schedule="dynamic", **ONNX_ONLY))
     assert not (tmp_path / "g").exists()
 
@@ -148,7 +148,7 @@ def test_cli_unknown_checkpoint_and_llm_mode_on_a_vit(tmp_path, capsys):
     code, _, err = run(capsys, "llava-1.5-7", "--print-schedule")
     assert code == 2 and "did you mean llava-1.5-7b" in only_error_line(err)
     code, _, err = run(capsys, "test_vit", "--mode", "llm", "--print-schedule")
-    assert code == 2 and "an LLM schedule needs a LLaVA model, not test_vit" in only_error_line(err)
+    assert code == 2 and "an LLM schedule needs a VLM (LLaVA or Qwen2.5-VL), not test_vit" in only_error_line(err)
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"x")
     code, _, err = run(capsys, "clip-vit-b16", "--weights", str(weights), "-o", str(tmp_path / "o"))

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 
-ADAPTERS = ("timm_vit", "hf_vision")  # modules of this package, asked in order
+ADAPTERS = ("timm_vit", "qwen_vl", "hf_vision")  # modules of this package, asked in order
 SUPPORTED = ("timm VisionTransformer-family models (ViT, DeiT, DeiT-III, register and distilled variants) and "
-             "transformers CLIP/SigLIP vision towers and LLaVA")
+             "transformers CLIP/SigLIP vision towers, LLaVA and Qwen2.5-VL")
 
 
 @dataclass(frozen=True)

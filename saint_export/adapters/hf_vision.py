@@ -46,17 +46,27 @@ def checkpoints() -> dict[str, dict]:
     return json.loads(CHECKPOINTS_FILE.read_text())["checkpoints"]
 
 
+MODEL_TYPES = ("llava", "clip", "clip_vision_model", "siglip", "siglip_vision_model")
+
+
+def _own_checkpoints() -> dict[str, dict]:
+    """The aliases of this adapter's model types (the file also lists other families')."""
+    return {alias: e for alias, e in checkpoints().items() if e["config"]["model_type"] in MODEL_TYPES}
+
+
 def resolve_name(name: str) -> str | None:
     """An alias → its hub id; a known hub id or a local checkpoint folder → itself."""
-    if name in checkpoints():
-        return checkpoints()[name]["repo"]
-    if any(entry["repo"] == name for entry in checkpoints().values()) or (Path(name) / "config.json").is_file():
+    own = _own_checkpoints()
+    if name in own:
+        return own[name]["repo"]
+    if any(entry["repo"] == name for entry in own.values()) or (Path(name) / "config.json").is_file():
         return name
     return None
 
 
 def known_names() -> list[str]:
-    return [*checkpoints(), *(entry["repo"] for entry in checkpoints().values())]
+    own = _own_checkpoints()
+    return [*own, *(entry["repo"] for entry in own.values())]
 
 
 def _config(source_name: str):
@@ -274,6 +284,15 @@ def features_record(model: torch.nn.Module, dropped: int) -> dict | None:
         "transformers": f"write {kept} image placeholders per image (or {original}: saint_export.apply on the "
                         "LLaVA model fits the prompt)",
     }
+
+
+def llm_image_tokens(model: torch.nn.Module, tower_dropped: int | None) -> int:
+    """LLaVA's image tokens per LLM row when the tower drops `tower_dropped` (None: dynamic)."""
+    if not is_llava(model):
+        raise InputError(f"an LLM schedule needs a VLM (LLaVA or Qwen2.5-VL), not {type(model).__name__}")
+    if tower_dropped is None:
+        raise InputError("an LLM schedule needs a static tower schedule (the image-token count must be known)")
+    return image_token_counts(model, tower_dropped)[1]
 
 
 def image_token_counts(model: torch.nn.Module, dropped: int) -> tuple[int, int]:

@@ -1,0 +1,387 @@
+"""Qwen2.5-VL (docs/vlm.md): SAINT in its windowed tower, and prompts that keep their M-RoPE positions.
+
+The tower cuts each image into 14-px patches, embeds them, puts them into window order (groups
+of four, one 2×2 merge unit each), runs windowed blocks with full-attention blocks in between
+(`fullatt_block_indexes`), merges each group into one LLM token and restores raster order. The
+unit of pruning is the merge group: after the attention residual of a full-attention block the
+groups are scored with SAINT on the keys (before rotary embedding) averaged over heads and over
+the group's four patches; whole groups go, so later windows and merges stay intact. The keep
+schedule's blocks are the full-attention blocks (`early50` on 4 of them drops over the first 2).
+
+Resolution is dynamic: every image has its own grid, so the schedule is resolved per image
+(`early<P>` is a fraction of each image's tokens; `r:` counts must fit every image). The
+features of image i are its survivors in raster order, with their (t, h, w) positions on the
+merged grid; the LLM puts them where transformers' `get_rope_index` puts them unpruned.
+
+Prompts are written as usual (t·h·w/4 placeholders per image). Before the language model runs,
+the dropped images' placeholders are removed from the prompt, and the survivors and all text
+keep their unpruned M-RoPE positions; `rope_deltas` is set so that decoding continues right after
+them (see `fit_inputs`).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from .. import compat
+from ..core import gather_tokens
+from ..errors import InputError
+from ..images import Preprocess
+from ..schedule import KeepSchedule, ScheduleError
+from . import ModelInfo, unsupported
+from .hf_vision import CLIP_MEAN, CLIP_STD, _config, checkpoints
+
+family = "transformers"
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "image_features"
+POSITIONS_NAME = "image_positions"
+MODEL_TYPES = ("qwen2_5_vl",)
+NOMINAL_SIZE = 448  # the square image an export (and a schedule's counts) is resolved for by default
+MERGE = 2  # the spatial merge of the shipped configs: a group is 2 × 2 patches
+
+
+def _classes():
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+    return Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+
+
+def resolve_name(name: str) -> str | None:
+    for alias, entry in checkpoints().items():
+        if entry["config"]["model_type"] in MODEL_TYPES and name in (alias, entry["repo"]):
+            return entry["repo"]
+    config = Path(name) / "config.json"
+    if config.is_file():
+        try:
+            if json.loads(config.read_text()).get("model_type") in MODEL_TYPES:
+                return name
+        except ValueError:
+            return None
+    return None
+
+
+def known_names() -> list[str]:
+    entries = [(alias, e) for alias, e in checkpoints().items() if e["config"]["model_type"] in MODEL_TYPES]
+    return [name for alias, e in entries for name in (alias, e["repo"])]
+
+
+def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn.Module:
+    """Qwen2.5-VL with its language model on the meta device (no memory, no weights): exports
+    need only the tower and its merger. `img_size` is the square image exports are made for."""
+    compat.require_transformers(compat.QWEN_MIN, "Qwen2.5-VL")
+    cls = _classes()[0]
+    config = _config(source_name)
+    size = NOMINAL_SIZE if img_size is None else img_size
+    unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    if size % unit:
+        raise InputError(f"image size {size}: Qwen2.5-VL images are multiples of {unit} px (a 2 × 2 group of "
+                         f"{config.vision_config.patch_size}-px patches)")
+    if pretrained:
+        model = cls.from_pretrained(source_name, dtype="auto")
+        for part in compat.text_parts(model):
+            part.to("meta")
+        compat.qwen_visual(model).float()
+    else:
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            model = cls(config)
+        with torch.device(device):
+            compat.qwen_core(model).visual = type(compat.qwen_visual(model))._from_config(config.vision_config)
+    model.saint_img_size = size
+    return model
+
+
+def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    raise InputError(f"weights file {str(path)!r}: transformers checkpoints are folders; pass the folder "
+                     "(save_pretrained) as the model, with pretrained weights")
+
+
+def matches(model: torch.nn.Module) -> bool:
+    try:
+        return isinstance(model, (*_classes(), ImageFeatures))
+    except ImportError:
+        return False
+
+
+def _vision_config(model):
+    return model.vision_config if isinstance(model, ImageFeatures) else model.config.vision_config
+
+
+def describe(model: torch.nn.Module) -> ModelInfo:
+    """The tower as the keep schedule sees it: its full-attention blocks, the merge groups of the
+    square image of side `img_size` (default NOMINAL_SIZE) and no protected token."""
+    config = _vision_config(model)
+    if config.spatial_merge_size != MERGE:
+        raise unsupported(f"Qwen2.5-VL with spatial merge {config.spatial_merge_size}")
+    size = getattr(model, "saint_img_size", NOMINAL_SIZE)
+    unit = config.patch_size * MERGE
+    return ModelInfo(depth=len(config.fullatt_block_indexes), num_patches=(size // unit) ** 2, num_protected=0,
+                     embed_dim=config.hidden_size, mlp_ratio=config.intermediate_size / config.hidden_size,
+                     img_size=size, patch_size=unit)
+
+
+# --- the pruned tower ------------------------------------------------------------------------------
+
+class TowerPruner:
+    """The droppers of every image grid this model has seen, from the one keep schedule."""
+
+    def __init__(self, visual, state):
+        self.visual, self.state = visual, state
+        self.points = compat.qwen_full_attention_blocks(visual)
+        self._by_groups: dict[int, dict] = {}
+
+    def droppers(self, groups: int, grid: tuple[int, int, int]) -> dict:
+        if groups not in self._by_groups:
+            from ..patch import TokenDropper
+
+            s = self.state.schedule
+            try:
+                schedule = KeepSchedule.parse(s.spec, len(self.points), groups, num_protected=0)
+            except ScheduleError as err:
+                t, h, w = grid
+                raise ScheduleError(f"an image of {t}×{h}×{w} patches ({groups} merged tokens): {err}") from None
+            counts = schedule.patch_counts()
+            self._by_groups[groups] = {
+                self.points[i]: TokenDropper(i, None if schedule.drops is None else schedule.drops[i],
+                                             None if schedule.drops is None else counts[i], self.state)
+                for i in schedule.pruning_blocks}
+        return self._by_groups[groups]
+
+
+def pruned_tower(visual, patches: torch.Tensor, grid: tuple[int, int, int], droppers: dict):
+    """`patches` [B, N, C·T·P·P] of B images with the patch grid `grid` → (features [B, K, D_llm]
+    in raster order, their merge groups' raster indices [B, K])."""
+    batch, tokens, _ = patches.shape
+    unit = MERGE * MERGE
+    cos, sin, window_index, windows, frames = compat.qwen_vision_layout(visual, torch.tensor(grid))
+    x = compat.qwen_patch_embed(visual, patches.reshape(batch * tokens, -1)).view(batch, tokens, -1)
+    x = x.view(batch, tokens // unit, unit, -1)[:, window_index].reshape(batch, tokens, -1)
+    alive = torch.arange(tokens // unit).expand(batch, -1)  # window-order groups still there
+    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+    full = set(compat.qwen_full_attention_blocks(visual))
+    for index, block in enumerate(visual.blocks):
+        groups_of = frames if index in full else windows
+        allowed = None
+        if len(set(groups_of.tolist())) > 1:  # several windows (or frames): attend within one
+            ids = groups_of[alive].repeat_interleave(unit, 1)
+            allowed = (ids[:, :, None] == ids[:, None, :])[:, None]
+        x, keys = compat.qwen_vision_attention(block, x, cos, sin, allowed)
+        if index in droppers:
+            group_keys = keys.view(batch, -1, unit, keys.shape[-1]).mean(2)
+            keep = droppers[index](group_keys)
+            if keep is not None:
+                keep = keep.sort(dim=1).values
+                x, cos, sin = (_gather_groups(t, keep, unit) for t in (x, cos, sin))
+                alive = alive.gather(1, keep)
+        x = compat.qwen_vision_mlp(block, x)
+    merged = compat.qwen_merge(visual, x)
+    raster = window_index.to(alive.device)[alive]
+    order = raster.argsort(dim=1)
+    return gather_tokens(merged, order), raster.gather(1, order)
+
+
+def _gather_groups(x: torch.Tensor, keep: torch.Tensor, unit: int) -> torch.Tensor:
+    batch, tokens, width = x.shape
+    return gather_tokens(x.reshape(batch, tokens // unit, unit * width), keep).reshape(batch, -1, width)
+
+
+def grid_positions(raster: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """(t, h, w) on the merged grid of merge groups with raster indices `raster` [..., K]: [..., K, 3]."""
+    _, h, w = grid
+    h, w = h // MERGE, w // MERGE
+    return torch.stack([raster // (h * w), raster // w % h, raster % w], -1)
+
+
+def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+    """The pruned tower on the processor's flattened patches of every image: (features per image
+    [K_i, D_llm], kept merge groups per image [K_i], raster order)."""
+    visual = compat.qwen_visual(model)
+    pruner = model.saint_tower
+    features, kept, start = [], [], 0
+    patches = pixel_values.to(visual.patch_embed.proj.weight.dtype)
+    for grid in image_grid_thw.tolist():
+        grid = tuple(int(v) for v in grid)
+        tokens = grid[0] * grid[1] * grid[2]
+        feats, raster = pruned_tower(visual, patches[None, start:start + tokens], grid,
+                                     pruner.droppers(tokens // (MERGE * MERGE), grid))
+        features.append(feats[0])
+        kept.append(raster[0])
+        start += tokens
+    if start != len(pixel_values):
+        raise InputError(f"pixel_values holds {len(pixel_values)} patches but image_grid_thw describes {start}")
+    return features, kept
+
+
+# --- prompts: cut the dropped placeholders, keep every position --------------------------------------
+
+@torch.no_grad()
+def fit_inputs(model, kwargs: dict) -> dict:
+    """The keyword arguments of a forward or generate call with pixel_values, rewritten for the
+    pruned tower: its features given as `mm_encoder_outputs`, the dropped placeholders removed from
+    input_ids / attention_mask / mm_token_type_ids, and `position_ids` [4, B, T'] (text positions,
+    then t/h/w) holding the unpruned prompt's M-RoPE positions at the columns that stay."""
+    from ..vlm import repack
+
+    ids, mask, grid = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("image_grid_thw")
+    if ids is None or grid is None:
+        raise InputError("Qwen2.5-VL with a pruned tower needs input_ids and image_grid_thw beside pixel_values")
+    if kwargs.get("position_ids") is not None or kwargs.get("labels") is not None:
+        raise InputError("a pruned Qwen2.5-VL tower computes the prompt's positions itself: do not pass "
+                         "position_ids or labels with pixel_values")
+    config = compat.qwen_core(model).config
+    is_image = ids == config.image_token_id
+    per_image = [int(t * h * w) // (MERGE * MERGE) for t, h, w in grid.tolist()]
+    if int(is_image.sum()) != sum(per_image):
+        raise InputError(f"the prompts hold {int(is_image.sum())} image placeholders for {len(per_image)} images: "
+                         f"expected {sum(per_image)} (t·h·w/4 per image, the processor's count {per_image})")
+    features, kept = image_features(model, kwargs["pixel_values"], grid)
+    mm_types = kwargs.get("mm_token_type_ids")
+    if mm_types is None:
+        mm_types = is_image.int()
+    positions, _ = compat.qwen_rope_index(model, ids, mm_types, grid, mask)
+    keep = ~is_image
+    image = 0
+    for row in range(len(ids)):  # images fill the rows' placeholders in order
+        slots = is_image[row].nonzero()[:, 0]
+        start = 0
+        while start < len(slots):
+            if start + per_image[image] > len(slots):
+                raise InputError(f"row {row}'s placeholders end inside image {image}'s {per_image[image]}")
+            keep[row, slots[start + kept[image]]] = True
+            start += per_image[image]
+            image += 1
+    left = mask is not None and bool((mask[:, 0] == 0).any())
+    ids, mask, mm_types, positions = repack(keep, [(ids, 0), (mask, 0), (mm_types, 0), (positions, 1)], left)
+    valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    text = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+    # What decoding adds to the cache length (transformers' rope_deltas): the next position is
+    # right after the prompt's largest, as unpruned.
+    largest = positions.masked_fill(~valid, -1).amax(dim=(0, 2))
+    compat.qwen_set_rope_deltas(model, (largest + 1 - valid.sum(1))[:, None])
+    rest = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "input_ids", "attention_mask")}
+    return {**rest, "input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm_types,
+            "position_ids": torch.cat([text[None], positions]), **compat.qwen_image_output(features)}
+
+
+def install_prompt_fit(model) -> None:
+    """Make `model`'s forward and generate take usual prompts with pixel_values (fit_inputs)."""
+
+    def forward_pre_hook(module, args, kwargs):
+        if kwargs.get("pixel_values") is None:
+            return None  # decoding steps, text-only calls, features passed in
+        if args:
+            kwargs = {"input_ids": args[0], **kwargs}
+        return (), fit_inputs(model, kwargs)
+
+    model.register_forward_pre_hook(forward_pre_hook, with_kwargs=True)
+    original_generate = model.generate
+
+    @functools.wraps(original_generate)
+    def generate(input_ids=None, **kwargs):
+        if kwargs.get("pixel_values") is None:
+            return original_generate(input_ids=input_ids, **kwargs)
+        fitted = fit_inputs(model, {"input_ids": input_ids, **kwargs})
+        out = original_generate(**fitted)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        restored = torch.cat([input_ids, sequences[:, fitted["input_ids"].shape[1]:]], 1)
+        if isinstance(out, torch.Tensor):
+            return restored
+        out.sequences = restored
+        return out
+
+    model.generate = generate
+
+
+def patch(model: torch.nn.Module, droppers: dict) -> None:
+    if not droppers:
+        return  # nothing is dropped in the tower: the model stays as it is
+    if not hasattr(model, "lm_head"):
+        raise unsupported("Qwen2_5_VLModel with a pruned tower (pass Qwen2_5_VLForConditionalGeneration)")
+    state = next(iter(droppers.values())).state
+    model.saint_tower = TowerPruner(compat.qwen_visual(model), state)
+    install_prompt_fit(model)
+
+
+# --- export --------------------------------------------------------------------------------------
+
+class ImageFeatures(torch.nn.Module):
+    """What an exported graph computes: images [B, 3, H, W] of the export's size (normalised as
+    `preprocess` says) → (image_features [B, K, D_llm], image_positions [B, K, 3]: each feature's
+    (t, h, w) on the merged grid, to be offset as the LLM's M-RoPE offsets an image)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.saint = getattr(model, "saint", None)
+        self.visual = compat.qwen_visual(model)
+        self.vision_config = self.visual.config
+        self.saint_img_size = getattr(model, "saint_img_size", NOMINAL_SIZE)
+        patch = self.vision_config.patch_size
+        self.grid = (1, self.saint_img_size // patch, self.saint_img_size // patch)
+        pruner = getattr(model, "saint_tower", None)
+        groups = self.grid[1] * self.grid[2] // (MERGE * MERGE)
+        self.droppers = pruner.droppers(groups, self.grid) if pruner is not None else {}
+
+    def forward(self, pixel_values: torch.Tensor):
+        features, raster = pruned_tower(self.visual, patchify(pixel_values, self.vision_config), self.grid,
+                                        self.droppers)
+        return features, grid_positions(raster, self.grid)
+
+
+def patchify(images: torch.Tensor, config) -> torch.Tensor:
+    """Images [B, 3, H, W] → the processor's flattened patches [B, N, 3·T·P·P]: each frame repeated
+    over the temporal patch, patches in 2 × 2 merge-group order (Qwen2VLImageProcessor's layout)."""
+    batch, channels, height, width = images.shape
+    p, t, m = config.patch_size, config.temporal_patch_size, MERGE
+    gh, gw = height // p, width // p
+    x = images[:, None].expand(batch, t, channels, height, width)
+    x = x.reshape(batch, t, channels, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # B, h-groups, w-groups, m, m, C, T, P, P
+    return x.reshape(batch, gh * gw, channels * t * p * p)
+
+
+def export_module(model: torch.nn.Module) -> torch.nn.Module:
+    return ImageFeatures(model)
+
+
+def features_record(model: torch.nn.Module, dropped: int) -> dict:
+    info = describe(model)
+    kept = info.num_patches - dropped
+    config = compat.qwen_core(model).config
+    side = info.img_size // compat.qwen_visual(model).config.patch_size
+    return {
+        "tokens_per_image": kept, "unpruned_tokens_per_image": info.num_patches,
+        "hidden_size": config.text_config.hidden_size, "image_grid_thw": [1, side, side],
+        "image_token_id": config.image_token_id, "positions_output": POSITIONS_NAME,
+        "positions": "image_positions[b, k] is feature k's (t, h, w) on the merged grid; the LLM's M-RoPE gives "
+                     "it (s + t, s + h, s + w), s = the position of the first placeholder, and the text after the "
+                     f"image resumes at s + {side // MERGE} (as unpruned)",
+        "transformers": "saint_export.apply(qwen, <keep schedule>) takes usual prompts; for features computed "
+                        "elsewhere write K placeholders per image and pass position_ids built from image_positions",
+        "vllm": "not yet: vLLM sizes Qwen placeholders from image_grid_thw (docs/vlm.md)",
+    }
+
+
+def low_precision_modules(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for m in compat.qwen_visual(model).blocks.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def preprocess(model: torch.nn.Module) -> Preprocess:
+    """Qwen2VLImageProcessor's normalisation (OpenAI CLIP's mean and std) at the export's square size."""
+    return Preprocess(size=describe(model).img_size, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0,
+                      interpolation="bicubic")
+
+
+def label_names(model: torch.nn.Module) -> None:
+    return None
+
+
+def class_indices(model: torch.nn.Module, class_names) -> dict[str, int]:
+    raise InputError(f"{type(model).__name__} has no classification head: accuracy on class folders needs a classifier")
+
+
+def llm_image_tokens(model: torch.nn.Module, tower_dropped: int | None) -> None:
+    """Image tokens per LLM row: they differ per image (dynamic resolution), so the LLM schedule
+    is resolved per row at prefill."""
+    return None

@@ -1,0 +1,340 @@
+"""SAINT in Qwen2.5-VL (ViT-only, LLM-only, hybrid) on a tiny random config: batch 2 with two
+different image sizes, left-padded rows, M-RoPE positions (docs/vlm.md)."""
+import numpy as np
+import pytest
+import torch
+import tiny_qwen as tq
+from reference_saint import saint_drop_reference
+
+import saint_export as se
+from saint_export import compat
+from saint_export.adapters import qwen_vl
+
+pytestmark = pytest.mark.skipif(
+    __import__("packaging.version").version.Version(__import__("transformers").__version__)
+    < __import__("packaging.version").version.Version(compat.QWEN_MIN),
+    reason=f"the Qwen2.5-VL adapter needs transformers ≥ {compat.QWEN_MIN}")
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(**x).logits
+
+
+def generate(model, x, steps=4, **kwargs):
+    return model.generate(**x, max_new_tokens=steps, return_dict_in_generate=True, **kwargs)
+
+
+@torch.no_grad()
+def masked_reference(ids, mask, x, features, kept_groups, drops, tau, steps=0):
+    """Qwen2.5-VL restated without removing anything: the unpatched language model at full length
+    with transformers' own (unpruned) M-RoPE positions; every image placeholder gets its feature
+    from `features` (per image, in raster order of `kept_groups`, or all of them when None); the
+    dropped placeholders are masked out of attention instead of removed; after layer l with
+    drops[l] > 0, SAINT (tests/reference_saint.py) picks among each row's alive image tokens on the
+    layer's post-rotary keys. Then `steps` greedy tokens, each a fresh full forward, positions
+    continuing after each row's largest. Returns (logits [B, T, V], alive [B, T], kept original
+    columns per pruning layer, generated [B, steps])."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+    model = tq.build()
+    lm = model.model.language_model
+    grid = x["image_grid_thw"]
+    positions, _ = model.model.get_rope_index(ids, x["mm_token_type_ids"], image_grid_thw=grid,
+                                              attention_mask=mask)
+    image = ids == tq.IMAGE
+    alive0 = torch.ones_like(image)
+    slot_features = torch.zeros(int(image.sum()), features[0].shape[-1])
+    offset = 0
+    for i, (t, h, w) in enumerate(grid.tolist()):
+        n = t * h * w // 4
+        groups = torch.arange(n) if kept_groups is None else kept_groups[i]
+        slot_features[offset + groups] = features[i]
+        dropped = torch.ones(n, dtype=torch.bool)
+        dropped[groups] = False
+        alive0.view(-1)[image.view(-1).nonzero()[offset:offset + n, 0][dropped]] = False
+        offset += n
+    generated = []
+    for step in range(steps + 1):
+        batch, length = ids.shape
+        h = lm.embed_tokens(ids).masked_scatter(image[..., None], slot_features)
+        cos, sin = lm.rotary_emb(h, positions)
+        alive = alive0.clone()
+        causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+        kept = []
+        for i, layer in enumerate(lm.layers):
+            allowed = causal[None] & alive[:, None, :] & mask.bool()[:, None, :]
+            allowed |= torch.eye(length, dtype=torch.bool)[None]  # padding rows attend themselves (unused)
+            normed = layer.input_layernorm(h)
+            attn = layer.self_attn
+            q = attn.q_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            groups = q.shape[1] // k.shape[1]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=allowed[:, None])
+            h = h + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if drops[i]:
+                survivors_per_row = []
+                for row in range(batch):
+                    span = (image[row] & alive[row]).nonzero()[:, 0]
+                    keys = k.mean(1)[row, span].numpy()[None]
+                    _, keep = saint_drop_reference(keys, 0, tau, drop=drops[i])
+                    survivors = span[torch.from_numpy(np.sort(keep[0]))]
+                    alive[row, span] = False
+                    alive[row, survivors] = True
+                    survivors_per_row.append(survivors)
+                kept.append(survivors_per_row)
+        out = model.lm_head(lm.norm(h))
+        if step == 0:
+            first = (out, alive, kept)
+        if step < steps:  # greedy: the next token at the position after the row's largest
+            token = out[:, -1].argmax(-1)
+            generated.append(token)
+            ids = torch.cat([ids, token[:, None]], 1)
+            image = torch.cat([image, torch.zeros(batch, 1, dtype=torch.bool)], 1)
+            alive0 = torch.cat([alive0, torch.ones(batch, 1, dtype=torch.bool)], 1)
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], 1)
+            positions = torch.cat([positions, positions.amax(2, keepdim=True) + 1], 2)
+    return (*first, torch.stack(generated, 1) if generated else None)
+
+
+def valid_columns(got, mask_got, want, alive_want):
+    """Each row's logits at its real tokens: the patched model's (left-padded, shorter) against the
+    reference's alive columns."""
+    for row in range(len(got)):
+        yield got[row][mask_got[row].bool()], want[row][alive_want[row]]
+
+
+# --- both schedules none -------------------------------------------------------------------------
+
+def test_none_equals_the_unpatched_model_in_forward_and_generate():
+    x = tq.inputs()
+    model = se.apply(tq.build(), "none", llm_schedule="none")
+    assert torch.equal(logits(model, x), logits(tq.build(), x))
+    assert torch.equal(generate(model, x, do_sample=False).sequences, generate(tq.build(), x, do_sample=False).sequences)
+
+
+def test_the_towers_forward_equals_transformers_when_nothing_is_dropped_and_patches_match_the_processor():
+    from transformers import Qwen2VLImageProcessor
+
+    model, x = tq.build(), tq.inputs()
+    with torch.no_grad():
+        want = model.model.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output
+        start = 0
+        for grid, expected in zip(x["image_grid_thw"].tolist(), want):
+            tokens = grid[0] * grid[1] * grid[2]
+            got, raster = qwen_vl.pruned_tower(model.model.visual, x["pixel_values"][None, start:start + tokens],
+                                               tuple(grid), {})
+            start += tokens
+            assert torch.allclose(got[0], expected, atol=1e-5, rtol=0)
+            assert torch.equal(raster[0], torch.arange(len(expected)))
+    image = torch.randn(2, 3, 56, 84)
+    processor = Qwen2VLImageProcessor(do_resize=False, do_rescale=False, do_normalize=False)
+    processed = processor(images=list(image.numpy()), return_tensors="pt", input_data_format="channels_first")
+    assert processed["image_grid_thw"].tolist() == [[1, 4, 6]] * 2
+    assert torch.equal(qwen_vl.patchify(image, model.config.vision_config).reshape(-1, 1176),
+                       processed["pixel_values"])
+
+
+# --- the tower (ViT-only) --------------------------------------------------------------------------
+
+def tower_reference(model, patches, grid, drops, tau):
+    """The tower restated without removing anything: transformers' own blocks' parts at full
+    length, dropped merge groups masked out of attention (windows and frames as cu_seqlens says),
+    SAINT (tests/reference_saint.py) on the alive groups' keys averaged over heads and patches after
+    each full-attention block's attention. Returns (features of the alive groups in raster order,
+    their raster indices)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    visual = model.model.visual
+    grid_t = torch.tensor([grid])
+    window_index, cu_windows = get_vision_window_index(grid_t, 2, visual.window_size, visual.patch_size)
+    x = visual.patch_embed(patches)
+    tokens = len(x)
+    x = x.view(-1, 4, x.shape[-1])[window_index].reshape(tokens, -1)
+    cos, sin = (f.view(-1, 4, f.shape[-1])[window_index].reshape(tokens, -1)
+                for f in visual.rotary_pos_emb(x, get_vision_position_ids(grid_t, 2)))
+    window = torch.zeros(tokens, dtype=torch.long)
+    for i, (a, b) in enumerate(zip(cu_windows[:-1].tolist(), cu_windows[1:].tolist())):
+        window[a:b] = i
+    alive = torch.ones(tokens // 4, dtype=torch.bool)
+    point = 0
+    for index, block in enumerate(visual.blocks):
+        full = index in visual.fullatt_block_indexes
+        same = torch.ones(tokens, tokens, dtype=torch.bool) if full else window[:, None] == window[None]
+        allowed = same & alive.repeat_interleave(4)[None] | torch.eye(tokens, dtype=torch.bool)
+        attn = block.attn
+        q, k, v = attn.qkv(block.norm1(x)).reshape(tokens, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        group_keys = k.mean(1).view(-1, 4, k.shape[-1]).mean(1)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=allowed)
+        x = x + attn.proj(out[0].transpose(0, 1).reshape(tokens, -1))
+        if full:
+            if drops[point]:
+                span = alive.nonzero()[:, 0]
+                _, keep = saint_drop_reference(group_keys[span].detach().numpy()[None], 0, tau, drop=drops[point])
+                alive[:] = False
+                alive[span[torch.from_numpy(keep[0])]] = True
+            point += 1
+        x = x + block.mlp(block.norm2(x))
+    merged = visual.merger(x)
+    raster = window_index[alive]
+    order = raster.argsort()
+    return merged[alive][order], raster[order]
+
+
+@pytest.mark.parametrize("schedule, drops", [("r:6", (6, 0)), ("r:4,3", (4, 3))])
+def test_the_pruned_tower_equals_a_masking_restatement(schedule, drops):
+    x = tq.inputs()
+    model = se.apply(tq.build(), schedule, tau=0.5)
+    with torch.no_grad():
+        features, kept = qwen_vl.image_features(model, x["pixel_values"], x["image_grid_thw"])
+        start = 0
+        for grid, got, got_kept in zip(x["image_grid_thw"].tolist(), features, kept):
+            tokens = grid[0] * grid[1] * grid[2]
+            want, want_kept = tower_reference(tq.build(), x["pixel_values"][start:start + tokens], tuple(grid),
+                                              drops, 0.5)
+            start += tokens
+            assert torch.equal(got_kept, want_kept)
+            assert len(got_kept) == tokens // 4 - sum(drops)
+            assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_tower_static_budgets_set_to_the_dynamic_choice_reproduce_it_per_image():
+    x = tq.inputs()
+    dynamic = se.apply(tq.build(), "dynamic", tau=0.85)
+    with torch.no_grad(), se.record_kept(dynamic) as trace:
+        features, kept = qwen_vl.image_features(dynamic, x["pixel_values"], x["image_grid_thw"])
+    drops = [k.dropped for k in trace]  # one pruning point per image (dynamic: the first half of 2)
+    assert len(drops) == 2 and all(0 < r < 8 for r in drops), drops
+    start = 0
+    for grid, r, want, want_kept in zip(x["image_grid_thw"].tolist(), drops, features, kept):
+        tokens = grid[0] * grid[1] * grid[2]
+        alone = {**x, "pixel_values": x["pixel_values"][start:start + tokens], "image_grid_thw": torch.tensor([grid])}
+        start += tokens
+        static = se.apply(tq.build(), f"r:{r}", tau=0.85)
+        got, got_kept = qwen_vl.image_features(static, alone["pixel_values"], alone["image_grid_thw"])
+        assert torch.equal(got_kept[0], want_kept) and torch.equal(got[0], want)
+
+
+def test_vit_only_prompts_keep_unpruned_positions_and_equal_a_masking_restatement_in_forward_and_generate():
+    x = tq.inputs()
+    model = se.apply(tq.build(), "early50")
+    features, kept = qwen_vl.image_features(model, x["pixel_values"], x["image_grid_thw"])
+    assert [len(k) for k in kept] == [8, 8]  # 16 and 15 merged tokens, each brought to round(50%)
+    # The positions the language model sees at the survivors are transformers' unpruned ones.
+    seen = {}
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(positions=kwargs["position_ids"], mask=kwargs["attention_mask"]),
+        with_kwargs=True)
+    got = logits(model, x)
+    unpruned, _ = compat.qwen_rope_index(tq.build(), x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"],
+                                         x["attention_mask"])
+    want, alive, _, _ = masked_reference(x["input_ids"], x["attention_mask"], x, features, kept, [0] * 4, 0.5)
+    for row in range(2):
+        valid = seen["mask"][row].bool()
+        columns = (alive[row] & x["attention_mask"][row].bool())
+        assert torch.equal(seen["positions"][1:, row][:, valid], unpruned[:, row][:, columns])
+    pairs = list(valid_columns(got, seen["mask"], want, alive & x["attention_mask"].bool()))
+    assert all(a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in pairs)
+    # Decoding continues right after each row's unpruned positions.
+    _, _, _, want_tokens = masked_reference(x["input_ids"], x["attention_mask"], x, features, kept, [0] * 4, 0.5,
+                                            steps=4)
+    sequences = generate(model, x, do_sample=False).sequences
+    assert torch.equal(sequences[:, :x["input_ids"].shape[1]], x["input_ids"])  # the caller's prompt comes back
+    assert torch.equal(sequences[:, x["input_ids"].shape[1]:], want_tokens)
+
+
+# --- the language model (LLM-only, hybrid) ----------------------------------------------------------
+
+def test_llm_only_equals_a_masking_restatement_with_mrope_positions_and_decodes_after_the_drop():
+    x = tq.inputs()
+    drops = (0, 3, 2, 0)
+    model = se.apply(tq.build(), "none", llm_schedule="r:" + ",".join(map(str, drops)), llm_tau=0.5)
+    model.saint_llm.trace = []
+    got = logits(model, x)
+    features = tq.build().model.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output
+    want, alive, kept, tokens = masked_reference(x["input_ids"], x["attention_mask"], x, features, None, drops, 0.5,
+                                                 steps=4)
+    # 16 and 15 image tokens: the rows keep different counts, so the trace lists them per row.
+    assert [(t[0], t[1]) for t in model.saint_llm.trace] == [(1, [3, 3]), (2, [2, 2])]
+    for (_, r, positions), survivors in zip(model.saint_llm.trace, kept):
+        assert [len(p) for p in positions] == [len(s) for s in survivors]
+        assert all(torch.equal(a, b) for a, b in zip(positions, survivors))  # the kept tokens' original columns
+    # Rows keep their padding on the left: each row's last columns are its real tokens.
+    for row in range(2):
+        real = alive[row] & x["attention_mask"][row].bool()
+        assert torch.allclose(got[row, -int(real.sum()):], want[row][real], atol=1e-5, rtol=0)
+    assert torch.equal(generate(model, x, do_sample=False).sequences[:, x["input_ids"].shape[1]:], tokens)
+
+
+def test_hybrid_decodes_like_the_restatement():
+    x = tq.inputs()
+    model = se.apply(tq.build(), "early50", llm_schedule="r:0,2", llm_tau=0.5)
+    features, kept = qwen_vl.image_features(model, x["pixel_values"], x["image_grid_thw"])
+    *_, tokens = masked_reference(x["input_ids"], x["attention_mask"], x, features, kept, (0, 2, 0, 0), 0.5, steps=4)
+    assert torch.equal(generate(model, x, do_sample=False).sequences[:, x["input_ids"].shape[1]:], tokens)
+
+
+def test_llm_static_budgets_set_to_the_dynamic_choice_reproduce_it():
+    x = tq.inputs()
+    dynamic = se.apply(tq.build(), "none", llm_schedule="dynamic@1-2", llm_tau=0.3)
+    dynamic.saint_llm.trace = []
+    want = logits(dynamic, x)
+    chosen = {layer: r for layer, r, _ in dynamic.saint_llm.trace}
+    assert chosen == {1: [7, 7], 2: [0, 0]}, "the test prompt must make the dynamic rule drop some tokens, not all"
+    static = se.apply(tq.build(), "none", llm_schedule="r:0,7", llm_tau=0.3)
+    assert torch.equal(logits(static, x), want)
+
+
+@pytest.mark.parametrize("tower", ["none", "early50"], ids=["llm-only", "hybrid"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_generation_is_deterministic_and_caches_have_the_scheduled_lengths(tower, rows):
+    x = tq.first(tq.inputs(), rows)
+    model = se.apply(tq.build(), tower, llm_schedule="span50@1-2", llm_tau=0.5)
+    first = generate(model, x, do_sample=False)
+    assert torch.equal(first.sequences, generate(model, x, do_sample=False).sequences)
+    from saint_export.llm import LlmSchedule
+
+    full = [16, 15][:rows]
+    per_row = full if tower == "none" else [8, 8][:rows]  # image tokens reaching the LLM
+    prompt = [x["input_ids"].shape[1] - (n - k) for n, k in zip(full, per_row)]  # padding stays
+    counts = [LlmSchedule.parse("span50@1-2", 4, n).counts() for n in per_row]
+    steps = first.sequences.shape[1] - x["input_ids"].shape[1] - 1  # the last token is not cached
+    expected = [max(p - (n - c[i]) for p, n, c in zip(prompt, per_row, counts)) + steps for i in range(4)]
+    assert compat.cached_key_lengths(compat.output_cache(first)) == expected
+    assert [c[3] for c in counts] == [round(n / 2) for n in per_row]
+    torch.manual_seed(3)
+    sampled = generate(model, x, do_sample=True, top_k=5)
+    torch.manual_seed(3)
+    assert torch.equal(generate(model, x, do_sample=True, top_k=5).sequences, sampled.sequences)
+
+
+# --- bad inputs -------------------------------------------------------------------------------------
+
+def test_bad_inputs_get_one_clear_error():
+    x = tq.inputs()
+    model = se.apply(tq.build(), "r:9")  # fits the nominal 448² image (256 merged tokens), not 8 × 8 patches
+    with pytest.raises(se.InputError, match=r"^an image of 1×8×8 patches \(16 merged tokens\): keep schedule 'r:9': "
+                                            r"block 0 drops 9 but can drop at most ⌈16/2⌉ = 8"):
+        logits(model, x)
+    llm = se.apply(tq.build(), "none", llm_schedule="r:8,4,2,1")  # 16 → 1 image token, but 15 → 0
+    with pytest.raises(se.InputError, match=r"^prompt row 1 \(15 image tokens\): LLM schedule 'r:8,4,2,1': layer 3 "
+                                            r"would drop all 1 remaining"):
+        logits(llm, x)
+    text_only = {"input_ids": torch.tensor([[5, 6, 7]])}
+    with pytest.raises(se.InputError, match="this prompt has no image span"):
+        logits(llm, text_only)
+    pruned = se.apply(tq.build(), "early50")
+    short = dict(x, input_ids=x["input_ids"][:, 1:], attention_mask=x["attention_mask"][:, 1:],
+                 mm_token_type_ids=x["mm_token_type_ids"][:, 1:])
+    short["input_ids"][0, short["input_ids"][0] == tq.IMAGE] = 5
+    with pytest.raises(se.InputError, match=r"the prompts hold 15 image placeholders for 2 images: expected 31"):
+        logits(pruned, short)
+    with pytest.raises(se.InputError, match="do not pass position_ids"):
+        logits(pruned, dict(x, position_ids=torch.zeros(3, 2, x["input_ids"].shape[1], dtype=torch.long)))
