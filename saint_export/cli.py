@@ -294,9 +294,10 @@ def _summary(result) -> None:
         print(f"  {result.folder / name}  ({(result.folder / name).stat().st_size / 1e6:.1f} MB)")
     features = result.manifest.features
     if features:
+        extra = "".join(f", with {t['name']} {t['shape']}" for t in features.get("extra_outputs", []))
         print(f"  image features: {features['tokens_per_image']} tokens per image (from "
-              f"{features['unpruned_tokens_per_image']}) of width {features['hidden_size']}; TensorRT-LLM: "
-              f"--max_multimodal_len = max_batch_size × {features['tokens_per_image']} (manifest.json: features)")
+              f"{features['unpruned_tokens_per_image']}) of width {features['hidden_size']}{extra}; how LLM "
+              "runtimes take them: manifest.json, features")
         if "llm_schedule" in features:
             print(f"  LLM schedule {features['llm_schedule']['spec']}: applied in PyTorch (manifest.json: "
                   "features.llm_schedule)")

@@ -244,6 +244,14 @@ def qwen_visual(model: torch.nn.Module) -> torch.nn.Module:
     return qwen_core(model).visual
 
 
+def qwen_set_visual(model: torch.nn.Module, module: torch.nn.Module) -> None:
+    qwen_core(model).visual = module
+
+
+def qwen_vision_blocks(visual: torch.nn.Module) -> torch.nn.ModuleList:
+    return visual.blocks
+
+
 def qwen_vision_layout(visual: torch.nn.Module, grid_thw: torch.Tensor):
     """For one image's (t, h, w) patch grid, how the tower lays its tokens out.
 

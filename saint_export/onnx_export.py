@@ -36,7 +36,7 @@ def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int,
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, (example,), dynamo=True, opset_version=opset, verbose=False,
-            input_names=[adapter.INPUT_NAME], output_names=[adapter.OUTPUT_NAME],
+            input_names=[adapter.INPUT_NAME], output_names=list(getattr(adapter, "OUTPUT_NAMES", [adapter.OUTPUT_NAME])),
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             custom_translation_table=ops.CUSTOM_TRANSLATION_TABLE)
     function = ir.serde.deserialize_function(ops.function_proto(opset))

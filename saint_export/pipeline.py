@@ -156,6 +156,8 @@ class _Export:
             raise InputError("model already has SAINT applied; pass the unpatched model and choose the schedule "
                              "in ExportConfig.keep_schedule")
         adapter = find_adapter(model)
+        if self.config.img_size is not None and hasattr(adapter, "set_export_size"):  # dynamic resolution
+            adapter.set_export_size(model, self.config.img_size)
         info = adapter.describe(model)
         if self.config.img_size not in (None, info.img_size):
             raise InputError(f"image size {self.config.img_size} differs from the loaded model's {info.img_size}")
@@ -318,7 +320,8 @@ def _output_shape(model: torch.nn.Module, info, parity: ParityReport | None) -> 
     if parity is not None:
         return list(parity.golden[1].shape[1:])
     with torch.no_grad():
-        return list(model(torch.zeros(1, 3, info.img_size, info.img_size)).shape[1:])
+        out = model(torch.zeros(1, 3, info.img_size, info.img_size))
+    return list((out[0] if isinstance(out, tuple) else out).shape[1:])
 
 
 def _llm_record(schedule, tau: float) -> dict:

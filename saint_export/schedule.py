@@ -47,6 +47,9 @@ class KeepSchedule:
     # full-graph degree rule (core.degree_keep_index), starting from the step divisor r0.
     rule: str = "vote"
     r0: int = DEGREE_R0
+    # Blocks of the model each schedule block stands for (ModelInfo.spans; None: one each). Those
+    # before a pruning block run on its tokens in; only the FLOPs ratio reads this.
+    spans: tuple[int, ...] | None = None
 
     @classmethod
     def parse(cls, spec: str, depth: int, num_patches: int, *, num_protected: int = 1,
@@ -88,9 +91,9 @@ class KeepSchedule:
                                     f"{spec.num_patches} patches, but the model has depth {info.depth} and "
                                     f"{info.num_patches} patches")
             return dataclasses.replace(spec, num_protected=info.num_protected, embed_dim=info.embed_dim,
-                                       mlp_ratio=info.mlp_ratio)
-        return cls.parse(spec, info.depth, info.num_patches, num_protected=info.num_protected,
-                         embed_dim=info.embed_dim, mlp_ratio=info.mlp_ratio)
+                                       mlp_ratio=info.mlp_ratio, spans=info.spans)
+        return dataclasses.replace(cls.parse(spec, info.depth, info.num_patches, num_protected=info.num_protected,
+                                             embed_dim=info.embed_dim, mlp_ratio=info.mlp_ratio), spans=info.spans)
 
     @property
     def is_static(self) -> bool:
@@ -120,11 +123,14 @@ class KeepSchedule:
             raise ScheduleError("the FLOPs ratio needs the model's width and MLP ratio: resolve the schedule "
                                 "with KeepSchedule.for_model or saint_export.resolve_schedule")
         counts = self.patch_counts()
-        return sum(_block_macs(counts[i], counts[i + 1], self) for i in range(self.depth))
+        spans = self.spans or (1,) * self.depth
+        return sum((span - 1) * _block_macs(counts[i], counts[i], self) + _block_macs(counts[i], counts[i + 1], self)
+                   for i, span in enumerate(spans))
 
     def flops_ratio(self) -> float:
         """Transformer-block MACs of this schedule over the unpruned model's (static only)."""
-        return self.macs() / (self.depth * _block_macs(self.num_patches, self.num_patches, self))
+        blocks = sum(self.spans) if self.spans else self.depth
+        return self.macs() / (blocks * _block_macs(self.num_patches, self.num_patches, self))
 
     def table(self) -> str:
         """The per-block table: block, tokens in, dropped, tokens out."""

@@ -83,6 +83,8 @@ class ParityReport:
     # block → {"compared", "order_equal" (exact), "near_tie", "set_equal", "votes_equal"}
     blocks: dict = field(default_factory=dict)
     near_ties: list = field(default_factory=list)  # (image, batch size, block, relative score gap)
+    # Integer outputs beside the features (Qwen's image_positions), teacher-forced: name → {"compared", "equal"}
+    extra_outputs: dict = field(default_factory=dict)
     eager_seconds: float = 0.0
     onnxruntime_seconds: float = 0.0
     # (inputs, eager logits) of the first run at the largest batch size: the golden files
@@ -98,6 +100,9 @@ class ParityReport:
             if wrong:
                 failed.append(f"block {block}: kept tokens (set or order) differ on {wrong} of "
                               f"{stats['compared']} images beyond float noise")
+        for name, stats in self.extra_outputs.items():
+            if stats["equal"] < stats["compared"]:
+                failed.append(f"{name}: differs on {stats['compared'] - stats['equal']} of {stats['compared']} images")
         return failed
 
     @property
@@ -121,6 +126,8 @@ class ParityReport:
         for block, s in self.blocks.items():
             rows.append((f"block {block} kept tokens", f"exact {s['order_equal']}/{s['compared']}, near-tie "
                          f"{s['near_tie']}, same set {s['set_equal']}", s["order_equal"] + s["near_tie"] == s["compared"]))
+        for name, s in self.extra_outputs.items():
+            rows.append((f"{name} equal", f"{s['equal']}/{s['compared']}", s["equal"] == s["compared"]))
         lines = [f"{'check':<26} {'result':<32} gate"]
         lines += [f"{name:<26} {result:<32} {'pass' if ok else 'FAIL'}" for name, result, ok in rows]
         for image, batch, block, gap in self.near_ties:
@@ -131,7 +138,7 @@ class ParityReport:
     def as_dict(self) -> dict:
         return {"passed": self.passed, "failures": self.failures, "precision": self.precision,
                 "image_runs": self.image_runs, "batch_sizes": self.batch_sizes, "logits": self.logits.as_dict(),
-                "top1_free_running": self.top1_free_running, "blocks": self.blocks,
+                "top1_free_running": self.top1_free_running, "blocks": self.blocks, "extra_outputs": self.extra_outputs,
                 "near_ties": [dict(zip(("image", "batch", "block", "score_gap"), t)) for t in self.near_ties],
                 "eager_seconds": self.eager_seconds, "onnxruntime_seconds": self.onnxruntime_seconds}
 
@@ -186,7 +193,8 @@ def check_onnx_parity(model: torch.nn.Module, onnx_path: Path, inputs: torch.Ten
         raise BackendError(f"the ONNX graph has {len(block_names)} SimilarityTopK nodes for {len(blocks)} "
                            "pruning blocks")
     adapter = find_adapter(model)
-    output_names = [adapter.OUTPUT_NAME] + [name for _, own, votes in block_names for name in (own, votes)]
+    extra = list(getattr(adapter, "OUTPUT_NAMES", (adapter.OUTPUT_NAME,))[1:])  # e.g. Qwen's image_positions
+    output_names = [adapter.OUTPUT_NAME, *extra] + [name for _, own, votes in block_names for name in (own, votes)]
     report = ParityReport(list(batch_sizes), precision)
     report.blocks = {b: {"compared": 0, "set_equal": 0, "order_equal": 0, "near_tie": 0, "votes_equal": 0}
                      for b in blocks}
@@ -196,7 +204,9 @@ def check_onnx_parity(model: torch.nn.Module, onnx_path: Path, inputs: torch.Ten
             x = inputs[start:start + bs]
             t0 = time.perf_counter()
             with torch.no_grad(), (record_kept(model) if blocks else contextlib.nullcontext()) as trace:
-                eager = model(x).float().numpy()
+                eager = model(x)
+            eager, eager_extra = (eager[0], eager[1:]) if isinstance(eager, tuple) else (eager, ())
+            eager = eager.float().numpy()
             t1 = time.perf_counter()
             feed = {adapter.INPUT_NAME: x.numpy()}
             feed.update({forced: kept.keep_index.numpy() for (forced, _, _), kept in zip(block_names, trace or [])})
@@ -206,8 +216,13 @@ def check_onnx_parity(model: torch.nn.Module, onnx_path: Path, inputs: torch.Ten
             if bs == max(batch_sizes) and report.golden is None:
                 report.golden = (x, eager)
             free_logits.append(free.run([adapter.OUTPUT_NAME], {adapter.INPUT_NAME: x.numpy()})[0])
+            for name, want, got in zip(extra, eager_extra, outputs[1:]):  # integer outputs: equal, teacher-forced
+                report.extra_outputs.setdefault(name, {"compared": 0, "equal": 0})
+                report.extra_outputs[name]["compared"] += len(x)
+                report.extra_outputs[name]["equal"] += int(np.all(want.numpy() == got, axis=tuple(range(1, got.ndim))).sum())
+            first = 1 + len(extra)
             for i, kept in enumerate(trace or []):
-                own, own_votes, keep = outputs[1 + 2 * i], outputs[2 + 2 * i], kept.keep_index.numpy()
+                own, own_votes, keep = outputs[first + 2 * i], outputs[first + 1 + 2 * i], kept.keep_index.numpy()
                 stats = report.blocks[kept.block]
                 for b in range(len(x)):
                     stats["compared"] += 1

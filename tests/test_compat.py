@@ -24,6 +24,9 @@ TRANSFORMERS_INTERNALS = [
     r"\blayer_norm[12]\b", r"\bpre_layrnorm\b", r"\bvision_tower\b", r"\bmulti_modal_projector\b",
     r"\blanguage_model\b", r"\blm_head\b", r"\bvision_model\b", r"\bencoder\.layers\b", r"\bnum_heads\b",
     r"\brotary_emb\b", r"\bapply_rotary_pos_emb\b", r"\bget_image_features\b",
+    # Qwen2.5-VL's tower and M-RoPE bookkeeping
+    r"\.visual\b", r"\bpatch_embed\b", r"\.merger\b", r"\brope_deltas\b",
+    r"\bget_rope_index\b", r"\bmm_encoder_outputs\b", r"\bvision_utils\b",
 ]
 
 

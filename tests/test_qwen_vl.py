@@ -127,7 +127,7 @@ def test_the_towers_forward_equals_transformers_when_nothing_is_dropped_and_patc
         for grid, expected in zip(x["image_grid_thw"].tolist(), want):
             tokens = grid[0] * grid[1] * grid[2]
             got, raster = qwen_vl.pruned_tower(model.model.visual, x["pixel_values"][None, start:start + tokens],
-                                               tuple(grid), {})
+                                               qwen_vl.Layout.of(model.model.visual, tuple(grid)), {})
             start += tokens
             assert torch.allclose(got[0], expected, atol=1e-5, rtol=0)
             assert torch.equal(raster[0], torch.arange(len(expected)))
@@ -338,3 +338,64 @@ def test_bad_inputs_get_one_clear_error():
         logits(pruned, short)
     with pytest.raises(se.InputError, match="do not pass position_ids"):
         logits(pruned, dict(x, position_ids=torch.zeros(3, 2, x["input_ids"].shape[1], dtype=torch.long)))
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+ONNX_ONLY = dict(target="onnx", batch=(1, 3, 4), parity_images=4)
+
+
+def test_export_passes_the_gate_at_batch_1_and_3_with_positions_and_the_runtime_refuses_another_grid(tmp_path):
+    from saint_export import runtime
+
+    model = tq.build()
+    result = se.export(model, tmp_path / "f", se.ExportConfig(keep_schedule="early50", img_size=112, **ONNX_ONLY))
+    parity = result.parity
+    assert parity.passed and parity.batch_sizes == [1, 3]
+    assert parity.extra_outputs == {"image_positions": {"compared": 8, "equal": 8}}
+    manifest = se.Manifest.read(tmp_path / "f")
+    assert manifest.input.shape == ["batch", 3, 112, 112] and manifest.output.shape == ["batch", 8, 48]
+    features = manifest.features
+    assert features["image_grid_thw"] == [1, 8, 8] and features["tokens_per_image"] == 8
+    assert features["extra_outputs"] == [{"name": "image_positions", "shape": ["batch", 8, 3], "dtype": "int64"}]
+    # The graph equals the eager pruned tower on the processor's patches of the same images.
+    images = torch.stack(tq.images([(112, 112)] * 3, seed=4))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "f" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got, positions = session.run(None, {"pixel_values": images.numpy()})
+    for b in range(3):
+        patches = qwen_vl.patchify(images[b:b + 1], model.config.vision_config)[0]
+        want, kept = qwen_vl.image_features(model, patches, torch.tensor([[1, 8, 8]]))
+        assert np.abs(got[b] - want[0].numpy()).max() < 1e-5
+        assert torch.equal(torch.from_numpy(positions[b]), qwen_vl.grid_positions(kept[0], (1, 8, 8)))
+    with runtime.open(tmp_path / "f", "onnxruntime") as runner:
+        assert runner.infer(images.numpy()).shape == (3, 8, 48)
+        with pytest.raises(se.InputError, match=r"pixel_values must be \[batch, 3, 112, 112\] with batch ≥ 1, got "
+                                                r"\[1, 3, 140, 112\]"):
+            runner.infer(np.zeros((1, 3, 140, 112), np.float32))
+
+
+def test_aliases_resolve_offline_and_bad_export_sizes_get_one_line():
+    from saint_export.models import architecture
+
+    for alias, repo, width in [("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", 2048),
+                               ("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", 3584)]:
+        arch = architecture(alias)
+        assert arch.source_name == repo and arch.adapter is qwen_vl
+        assert (arch.info.depth, arch.info.num_patches, arch.info.spans) == (4, 256, (8, 8, 8, 8))
+        assert 660e6 < arch.num_params < 680e6  # the tower and its merger (the language model stays on meta)
+        schedule = se.resolve_schedule("early50", alias)
+        assert schedule.drops == (64, 64, 0, 0) and 0.6 < schedule.flops_ratio() < 0.7
+    with pytest.raises(se.InputError, match="image size 100 is not a positive multiple of the patch size 28 of Qwen"):
+        architecture("qwen2.5-vl-3b", 100)
+    with pytest.raises(se.InputError, match="image size 100: Qwen2.5-VL images are multiples of 28 px"):
+        se.export(tq.build(), "/nonexistent/never-written", se.ExportConfig(img_size=100, **ONNX_ONLY))
+
+
+def test_an_older_transformers_gets_one_line(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.16.0")
+    with pytest.raises(se.InputError, match=r"^Qwen2.5-VL needs transformers ≥ 5.24.0, this environment has 5.16.0$"):
+        qwen_vl.create("Qwen/Qwen2.5-VL-3B-Instruct", pretrained=False, img_size=None)

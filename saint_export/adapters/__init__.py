@@ -43,6 +43,9 @@ class ModelInfo:
     mlp_ratio: float
     img_size: int
     patch_size: int
+    # For the FLOPs ratio where the schedule's blocks are only some of the model's (Qwen2.5-VL's
+    # full-attention blocks): how many blocks each stands for, itself and those since the previous.
+    spans: tuple[int, ...] | None = None
 
 
 def adapters() -> list:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -38,6 +39,7 @@ family = "transformers"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_features"
 POSITIONS_NAME = "image_positions"
+OUTPUT_NAMES = (OUTPUT_NAME, POSITIONS_NAME)  # the graph's outputs, the main one first
 MODEL_TYPES = ("qwen2_5_vl",)
 NOMINAL_SIZE = 448  # the square image an export (and a schedule's counts) is resolved for by default
 MERGE = 2  # the spatial merge of the shipped configs: a group is 2 × 2 patches
@@ -75,9 +77,7 @@ def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn
     config = _config(source_name)
     size = NOMINAL_SIZE if img_size is None else img_size
     unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
-    if size % unit:
-        raise InputError(f"image size {size}: Qwen2.5-VL images are multiples of {unit} px (a 2 × 2 group of "
-                         f"{config.vision_config.patch_size}-px patches)")
+    _check_size(size, unit)
     if pretrained:
         model = cls.from_pretrained(source_name, dtype="auto")
         for part in compat.text_parts(model):
@@ -88,9 +88,22 @@ def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn
         with torch.device("meta"):
             model = cls(config)
         with torch.device(device):
-            compat.qwen_core(model).visual = type(compat.qwen_visual(model))._from_config(config.vision_config)
+            compat.qwen_set_visual(model, type(compat.qwen_visual(model))._from_config(config.vision_config))
     model.saint_img_size = size
     return model
+
+
+def set_export_size(model: torch.nn.Module, size: int) -> None:
+    """The square image size exports of this (loaded) model are made for."""
+    config = _vision_config(model)
+    _check_size(size, config.patch_size * config.spatial_merge_size)
+    model.saint_img_size = size
+
+
+def _check_size(size: int, unit: int) -> None:
+    if size % unit:
+        raise InputError(f"image size {size}: Qwen2.5-VL images are multiples of {unit} px (a 2 × 2 group of "
+                         f"{unit // 2}-px patches)")
 
 
 def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
@@ -117,23 +130,54 @@ def describe(model: torch.nn.Module) -> ModelInfo:
         raise unsupported(f"Qwen2.5-VL with spatial merge {config.spatial_merge_size}")
     size = getattr(model, "saint_img_size", NOMINAL_SIZE)
     unit = config.patch_size * MERGE
-    return ModelInfo(depth=len(config.fullatt_block_indexes), num_patches=(size // unit) ** 2, num_protected=0,
-                     embed_dim=config.hidden_size, mlp_ratio=config.intermediate_size / config.hidden_size,
-                     img_size=size, patch_size=unit)
+    points = list(config.fullatt_block_indexes)
+    if points != sorted(points) or points[-1] != config.depth - 1:
+        raise unsupported(f"Qwen2.5-VL whose last block {config.depth - 1} is not a full-attention block")
+    # The FLOPs ratio counts merge groups as tokens: exact for the linear layers, which dominate
+    # (the SwiGLU MLP's three matrices as an MLP ratio of 1.5 · intermediate / hidden); attention's
+    # quadratic term is approximate (as if over the whole image, in groups).
+    return ModelInfo(depth=len(points), num_patches=(size // unit) ** 2, num_protected=0,
+                     embed_dim=config.hidden_size, mlp_ratio=1.5 * config.intermediate_size / config.hidden_size,
+                     img_size=size, patch_size=unit, spans=tuple(b - a for a, b in zip([-1, *points], points)))
 
 
 # --- the pruned tower ------------------------------------------------------------------------------
 
+class Layout(NamedTuple):
+    """How the tower lays out the tokens of one image grid (compat.qwen_vision_layout), computed
+    once per grid: rotary tables in window order, window order → raster merge group, and each
+    window-order group's window and frame (None where the whole image is one)."""
+    grid: tuple[int, int, int]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    window_index: torch.Tensor
+    windows: torch.Tensor | None
+    frames: torch.Tensor | None
+
+    @classmethod
+    def of(cls, visual, grid: tuple[int, int, int]) -> "Layout":
+        cos, sin, window_index, windows, frames = compat.qwen_vision_layout(visual, torch.tensor(grid))
+        return cls(grid, cos, sin, window_index, windows if len(set(windows.tolist())) > 1 else None,
+                   frames if len(set(frames.tolist())) > 1 else None)
+
+
 class TowerPruner:
-    """The droppers of every image grid this model has seen, from the one keep schedule."""
+    """The layout and droppers of every image grid this model has seen, from the one keep schedule."""
 
-    def __init__(self, visual, state):
-        self.visual, self.state = visual, state
-        self.points = compat.qwen_full_attention_blocks(visual)
-        self._by_groups: dict[int, dict] = {}
+    def __init__(self, tower, state):
+        self.tower, self.state = tower, state
+        self.points = compat.qwen_full_attention_blocks(tower)
+        self._droppers: dict[int, dict] = {}
+        self._layouts: dict[tuple, Layout] = {}
 
-    def droppers(self, groups: int, grid: tuple[int, int, int]) -> dict:
-        if groups not in self._by_groups:
+    def layout(self, grid: tuple[int, int, int]) -> Layout:
+        if grid not in self._layouts:
+            self._layouts[grid] = Layout.of(self.tower, grid)
+        return self._layouts[grid]
+
+    def droppers(self, grid: tuple[int, int, int]) -> dict:
+        groups = grid[0] * grid[1] * grid[2] // (MERGE * MERGE)
+        if groups not in self._droppers:
             from ..patch import TokenDropper
 
             s = self.state.schedule
@@ -143,28 +187,27 @@ class TowerPruner:
                 t, h, w = grid
                 raise ScheduleError(f"an image of {t}×{h}×{w} patches ({groups} merged tokens): {err}") from None
             counts = schedule.patch_counts()
-            self._by_groups[groups] = {
+            self._droppers[groups] = {
                 self.points[i]: TokenDropper(i, None if schedule.drops is None else schedule.drops[i],
                                              None if schedule.drops is None else counts[i], self.state)
                 for i in schedule.pruning_blocks}
-        return self._by_groups[groups]
+        return self._droppers[groups]
 
 
-def pruned_tower(visual, patches: torch.Tensor, grid: tuple[int, int, int], droppers: dict):
-    """`patches` [B, N, C·T·P·P] of B images with the patch grid `grid` → (features [B, K, D_llm]
-    in raster order, their merge groups' raster indices [B, K])."""
+def pruned_tower(visual, patches: torch.Tensor, layout: Layout, droppers: dict):
+    """`patches` [B, N, C·T·P·P] of B images with the patch grid of `layout` → (features
+    [B, K, D_llm] in raster order, their merge groups' raster indices [B, K])."""
     batch, tokens, _ = patches.shape
     unit = MERGE * MERGE
-    cos, sin, window_index, windows, frames = compat.qwen_vision_layout(visual, torch.tensor(grid))
     x = compat.qwen_patch_embed(visual, patches.reshape(batch * tokens, -1)).view(batch, tokens, -1)
-    x = x.view(batch, tokens // unit, unit, -1)[:, window_index].reshape(batch, tokens, -1)
-    alive = torch.arange(tokens // unit).expand(batch, -1)  # window-order groups still there
-    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+    x = x.view(batch, tokens // unit, unit, -1)[:, layout.window_index].reshape(batch, tokens, -1)
+    alive = torch.arange(tokens // unit, device=x.device).expand(batch, -1)  # window-order groups still there
+    cos, sin = layout.cos.expand(batch, -1, -1), layout.sin.expand(batch, -1, -1)
     full = set(compat.qwen_full_attention_blocks(visual))
-    for index, block in enumerate(visual.blocks):
-        groups_of = frames if index in full else windows
-        allowed = None
-        if len(set(groups_of.tolist())) > 1:  # several windows (or frames): attend within one
+    for index, block in enumerate(compat.qwen_vision_blocks(visual)):
+        groups_of = layout.frames if index in full else layout.windows
+        allowed = None  # None: one window (or frame) holds the whole image
+        if groups_of is not None:
             ids = groups_of[alive].repeat_interleave(unit, 1)
             allowed = (ids[:, :, None] == ids[:, None, :])[:, None]
         x, keys = compat.qwen_vision_attention(block, x, cos, sin, allowed)
@@ -177,7 +220,7 @@ def pruned_tower(visual, patches: torch.Tensor, grid: tuple[int, int, int], drop
                 alive = alive.gather(1, keep)
         x = compat.qwen_vision_mlp(block, x)
     merged = compat.qwen_merge(visual, x)
-    raster = window_index.to(alive.device)[alive]
+    raster = layout.window_index[alive]
     order = raster.argsort(dim=1)
     return gather_tokens(merged, order), raster.gather(1, order)
 
@@ -194,18 +237,19 @@ def grid_positions(raster: torch.Tensor, grid: tuple[int, int, int]) -> torch.Te
     return torch.stack([raster // (h * w), raster // w % h, raster % w], -1)
 
 
+@torch.no_grad()
 def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
     """The pruned tower on the processor's flattened patches of every image: (features per image
     [K_i, D_llm], kept merge groups per image [K_i], raster order)."""
     visual = compat.qwen_visual(model)
     pruner = model.saint_tower
     features, kept, start = [], [], 0
-    patches = pixel_values.to(visual.patch_embed.proj.weight.dtype)
+    patches = pixel_values.to(next(visual.parameters()).dtype)
     for grid in image_grid_thw.tolist():
         grid = tuple(int(v) for v in grid)
         tokens = grid[0] * grid[1] * grid[2]
-        feats, raster = pruned_tower(visual, patches[None, start:start + tokens], grid,
-                                     pruner.droppers(tokens // (MERGE * MERGE), grid))
+        feats, raster = pruned_tower(visual, patches[None, start:start + tokens], pruner.layout(grid),
+                                     pruner.droppers(grid))
         features.append(feats[0])
         kept.append(raster[0])
         start += tokens
@@ -297,7 +341,7 @@ def install_prompt_fit(model) -> None:
 def patch(model: torch.nn.Module, droppers: dict) -> None:
     if not droppers:
         return  # nothing is dropped in the tower: the model stays as it is
-    if not hasattr(model, "lm_head"):
+    if not isinstance(model, _classes()[0]):
         raise unsupported("Qwen2_5_VLModel with a pruned tower (pass Qwen2_5_VLForConditionalGeneration)")
     state = next(iter(droppers.values())).state
     model.saint_tower = TowerPruner(compat.qwen_visual(model), state)
@@ -307,24 +351,26 @@ def patch(model: torch.nn.Module, droppers: dict) -> None:
 # --- export --------------------------------------------------------------------------------------
 
 class ImageFeatures(torch.nn.Module):
-    """What an exported graph computes: images [B, 3, H, W] of the export's size (normalised as
+    """What an exported graph computes: images [B, 3, S, S] of the export's size S (normalised as
     `preprocess` says) → (image_features [B, K, D_llm], image_positions [B, K, 3]: each feature's
-    (t, h, w) on the merged grid, to be offset as the LLM's M-RoPE offsets an image)."""
+    (t, h, w) on the merged grid, which the LLM's M-RoPE offsets as it offsets an image)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.saint = getattr(model, "saint", None)
-        self.visual = compat.qwen_visual(model)
-        self.vision_config = self.visual.config
+        self.tower = compat.qwen_visual(model)
+        self.vision_config = self.tower.config
         self.saint_img_size = getattr(model, "saint_img_size", NOMINAL_SIZE)
-        patch = self.vision_config.patch_size
-        self.grid = (1, self.saint_img_size // patch, self.saint_img_size // patch)
-        pruner = getattr(model, "saint_tower", None)
-        groups = self.grid[1] * self.grid[2] // (MERGE * MERGE)
-        self.droppers = pruner.droppers(groups, self.grid) if pruner is not None else {}
+        side = self.saint_img_size // self.vision_config.patch_size
+        self.grid = (1, side, side)
+        pruner = getattr(model, "saint_tower", None) or TowerPruner(self.tower, self.saint)
+        # Computed here, outside any trace (its bookkeeping is Python); a tower on the meta device
+        # (shapes only: parameter counts) has no rotary table to compute it from.
+        self.layout = None if next(self.tower.parameters()).is_meta else pruner.layout(self.grid)
+        self.droppers = pruner.droppers(self.grid) if self.saint is not None else {}
 
     def forward(self, pixel_values: torch.Tensor):
-        features, raster = pruned_tower(self.visual, patchify(pixel_values, self.vision_config), self.grid,
+        features, raster = pruned_tower(self.tower, patchify(pixel_values, self.vision_config), self.layout,
                                         self.droppers)
         return features, grid_positions(raster, self.grid)
 
@@ -353,7 +399,8 @@ def features_record(model: torch.nn.Module, dropped: int) -> dict:
     return {
         "tokens_per_image": kept, "unpruned_tokens_per_image": info.num_patches,
         "hidden_size": config.text_config.hidden_size, "image_grid_thw": [1, side, side],
-        "image_token_id": config.image_token_id, "positions_output": POSITIONS_NAME,
+        "image_token_id": config.image_token_id,
+        "extra_outputs": [{"name": POSITIONS_NAME, "shape": ["batch", kept, 3], "dtype": "int64"}],
         "positions": "image_positions[b, k] is feature k's (t, h, w) on the merged grid; the LLM's M-RoPE gives "
                      "it (s + t, s + h, s + w), s = the position of the first placeholder, and the text after the "
                      f"image resumes at s + {side // MERGE} (as unpruned)",
@@ -364,7 +411,8 @@ def features_record(model: torch.nn.Module, dropped: int) -> dict:
 
 
 def low_precision_modules(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    return [m for m in compat.qwen_visual(model).blocks.modules() if isinstance(m, torch.nn.Linear)]
+    return [m for block in compat.qwen_vision_blocks(compat.qwen_visual(model)) for m in block.modules()
+            if isinstance(m, torch.nn.Linear)]
 
 
 def preprocess(model: torch.nn.Module) -> Preprocess:

@@ -49,6 +49,9 @@ def _manifest_facts(manifest, has_metadata: bool) -> dict:
     facts = {
         "input": _tensor(manifest.input.name, manifest.input.shape, manifest.input.dtype),
         "output": _tensor(manifest.output.name, manifest.output.shape, manifest.output.dtype),
+        # Outputs beside the main one (Qwen's image_positions), as the manifest's features record them
+        "extra_outputs": [_tensor(t["name"], t["shape"], t["dtype"])
+                          for t in (manifest.features or {}).get("extra_outputs", [])],
     }
     if has_metadata:  # folders exported before the graph carried its record are checked on the rest
         facts |= {"keep_schedule": schedule, "saint": saint}
@@ -82,8 +85,8 @@ def _graph_facts(model) -> dict:
 
     inputs = [v for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}]
     facts = {"input": tensor(inputs[0]) if len(inputs) == 1 else [v.name for v in inputs],
-             "output": tensor(model.graph.output[0]) if len(model.graph.output) == 1
-             else [v.name for v in model.graph.output],
+             "output": tensor(model.graph.output[0]),
+             "extra_outputs": [tensor(v) for v in model.graph.output[1:]],
              "operator_nodes": [attributes(n) for n in model.graph.node if n.domain == spec.DOMAIN]}
     names = {SCHEDULE_KEY: "keep_schedule", SAINT_KEY: "saint"}
     for prop in model.metadata_props:
