@@ -255,33 +255,57 @@ def qwen_vision_blocks(visual: torch.nn.Module) -> torch.nn.ModuleList:
 def qwen_vision_layout(visual: torch.nn.Module, grid_thw: torch.Tensor):
     """For one image's (t, h, w) patch grid, how the tower lays its tokens out.
 
-    Returns (cos, sin) [N, head_dim] in window order, `window_index` [G] (the raster merge group of
-    each window-order group), and per window-order group the window it belongs to and its frame
-    (full-attention blocks attend within a frame, the others within a window)."""
+    Returns (cos, sin) [N, head_dim] in the blocks' token order, `window_index` [G] (the raster
+    merge group of each group in that order: Qwen2.5-VL's window order, Qwen3-VL's raster order),
+    per group in that order its window and its frame (full-attention blocks attend within a frame,
+    windowed ones within a window), and Qwen3-VL's learned-position taps (indices, weights)
+    [N, taps] in raster order (None for Qwen2.5-VL)."""
     import torch
-    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+    from transformers.vision_utils import (get_vision_interpolation_indices_and_weights, get_vision_position_ids,
+                                           get_vision_window_index)
 
     grid = grid_thw.view(1, 3)
-    unit = visual.spatial_merge_unit
-    window_index, cu_windows = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
-                                                       window_size=visual.window_size, patch_size=visual.patch_size)
-    positions = get_vision_position_ids(grid, visual.spatial_merge_size)
-    probe = torch.empty(0, dtype=visual.patch_embed.proj.weight.dtype, device=positions.device)
-    cos, sin = (f.reshape(-1, unit, f.shape[-1])[window_index].reshape(-1, f.shape[-1])
-                for f in visual.rotary_pos_emb(probe, positions))
-    windows = torch.repeat_interleave(torch.arange(len(cu_windows) - 1), (cu_windows.diff() // unit).long())
+    merge = visual.spatial_merge_size
+    unit = merge * merge
     _, h, w = (int(v) for v in grid_thw)
-    frames = window_index // (h * w // unit)
-    return cos, sin, window_index, windows, frames
+    groups = int(grid_thw.prod()) // unit
+    probe = torch.empty(0, dtype=next(visual.parameters()).dtype)
+    cos, sin = visual.rotary_pos_emb(probe, get_vision_position_ids(grid, merge))
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL: windowed blocks, tokens in window order
+        window_index, cu_windows = get_vision_window_index(grid, spatial_merge_size=merge,
+                                                           window_size=visual.window_size, patch_size=visual.patch_size)
+        cos, sin = (f.reshape(-1, unit, f.shape[-1])[window_index].reshape(-1, f.shape[-1]) for f in (cos, sin))
+        windows = torch.repeat_interleave(torch.arange(len(cu_windows) - 1), (cu_windows.diff() // unit).long())
+    else:
+        window_index, windows = torch.arange(groups), torch.zeros(groups, dtype=torch.long)
+    taps = None
+    if hasattr(visual, "pos_embed"):  # Qwen3-VL: a learned position table, resampled to the grid
+        taps = get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=merge)
+    return cos, sin, window_index, windows, window_index // (h * w // unit), taps
 
 
 def qwen_full_attention_blocks(visual: torch.nn.Module) -> tuple[int, ...]:
-    return tuple(visual.fullatt_block_indexes)
+    """Qwen2.5-VL's full-attention blocks; every block of Qwen3-VL's (it has no windows)."""
+    return tuple(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
 
 
-def qwen_patch_embed(visual: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """[N, C·T·P·P] flattened patches (the processor's layout) → [N, width]."""
-    return visual.patch_embed(pixel_values)
+def qwen_deepstack(visual: torch.nn.Module) -> dict:
+    """Qwen3-VL's DeepStack: block index → the merger of that block's output (empty for Qwen2.5-VL)."""
+    indexes = getattr(visual, "deepstack_visual_indexes", ())
+    return {block: visual.deepstack_merger_list[i] for i, block in enumerate(indexes)}
+
+
+def qwen_patch_embed(visual: torch.nn.Module, patches: torch.Tensor, taps) -> torch.Tensor:
+    """[B, N, C·T·P·P] flattened patches of B images of one grid (the processor's layout) →
+    [B, N, width], with Qwen3-VL's learned positions added (`taps` from qwen_vision_layout)."""
+    batch, tokens, _ = patches.shape
+    x = visual.patch_embed(patches.reshape(batch * tokens, -1)).view(batch, tokens, -1)
+    if taps is not None:
+        indices, weights = taps
+        x = x + (visual.pos_embed(indices) * weights[:, :, None]).sum(1).to(x.dtype)
+    return x
 
 
 def qwen_vision_attention(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -290,7 +314,7 @@ def qwen_vision_attention(block: torch.nn.Module, x: torch.Tensor, cos: torch.Te
     x [B, N, width], with `allowed` [B, 1, N, N] (None: every token sees every token) in place of
     cu_seqlens. Also returns the keys before rotary embedding, averaged over heads: [B, N, d]."""
     import torch.nn.functional as F
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision  # = Qwen3-VL's
 
     attn = block.attn
     batch, tokens, width = x.shape
@@ -307,10 +331,21 @@ def qwen_vision_mlp(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.mlp(block.norm2(x))
 
 
-def qwen_merge(visual: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The patch merger on whole groups: [B, 4·G, width] → [B, G, D_llm]."""
-    batch = x.shape[0]
-    return visual.merger(x).view(batch, -1, visual.merger.mlp[-1].out_features)
+def qwen_merge(visual: torch.nn.Module, x: torch.Tensor, merger: torch.nn.Module | None = None) -> torch.Tensor:
+    """The patch merger (or a DeepStack merger) on whole groups: [B, 4·G, width] → [B, G, D_llm]."""
+    return (merger or visual.merger)(x).view(x.shape[0], -1, visual.config.out_hidden_size)
+
+
+def qwen_wrap_deepstack(model: torch.nn.Module, select) -> None:
+    """Route Qwen3-VL's DeepStack additions through `select(visual_mask, embeds)` → (the mask of the
+    positions to add at, their rows), for a sequence that LLM-side SAINT has shortened."""
+    text_model = language_model(model)
+    original = text_model._deepstack_process
+
+    def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
+        return original(hidden_states, *select(visual_pos_masks, visual_embeds))
+
+    text_model._deepstack_process = deepstack_process
 
 
 def qwen_rope_index(model: torch.nn.Module, input_ids, mm_token_type_ids, image_grid_thw, attention_mask):
@@ -324,8 +359,12 @@ def qwen_set_rope_deltas(model: torch.nn.Module, deltas: torch.Tensor) -> None:
     qwen_core(model).rope_deltas = deltas
 
 
-def qwen_image_output(features: list) -> dict:
-    """Image features per image as the forward's `mm_encoder_outputs` (5.24) takes them."""
+def qwen_image_output(features: list, deepstack: list) -> dict:
+    """Image features per image (and Qwen3-VL's DeepStack features, per layer and image) as the
+    forward's `mm_encoder_outputs` (5.24) takes them."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}}
+    output = BaseModelOutputWithPooling(pooler_output=tuple(features))
+    if deepstack:
+        output["deepstack_features"] = [tuple(layer) for layer in deepstack]
+    return {"mm_encoder_outputs": {"image": output}}

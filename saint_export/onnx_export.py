@@ -11,7 +11,7 @@ import onnx_ir as ir
 import torch
 
 from . import ops
-from .adapters import find_adapter
+from .adapters import find_adapter, output_names
 from .config import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from .errors import InputError
 from .runtime.graph import record_in_graph
@@ -36,7 +36,7 @@ def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int,
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, (example,), dynamo=True, opset_version=opset, verbose=False,
-            input_names=[adapter.INPUT_NAME], output_names=list(getattr(adapter, "OUTPUT_NAMES", [adapter.OUTPUT_NAME])),
+            input_names=[adapter.INPUT_NAME], output_names=list(output_names(adapter, model)),
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
             custom_translation_table=ops.CUSTOM_TRANSLATION_TABLE)
     function = ir.serde.deserialize_function(ops.function_proto(opset))

@@ -96,7 +96,9 @@ def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50",
     state, droppers = make_droppers(schedule, tau, K, gamma)
     adapter.patch(model, droppers)
     if llm_schedule is not None:
-        llm.install(model, resolved_llm, llm_tau, K, gamma)
+        llm_state = llm.install(model, resolved_llm, llm_tau, K, gamma)
+        if hasattr(adapter, "llm_installed"):  # what the family adds inside its LLM (Qwen3-VL's DeepStack)
+            adapter.llm_installed(model, llm_state)
     model.saint = state
     return model
 

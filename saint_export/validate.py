@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import core
-from .adapters import find_adapter
+from .adapters import find_adapter, output_names
 from .errors import BackendError, InputError
 from .onnx_graph import write_audit_model
 from .parity import HALF_COSINE, agreeing, compare_logits
@@ -193,8 +193,8 @@ def check_onnx_parity(model: torch.nn.Module, onnx_path: Path, inputs: torch.Ten
         raise BackendError(f"the ONNX graph has {len(block_names)} SimilarityTopK nodes for {len(blocks)} "
                            "pruning blocks")
     adapter = find_adapter(model)
-    extra = list(getattr(adapter, "OUTPUT_NAMES", (adapter.OUTPUT_NAME,))[1:])  # e.g. Qwen's image_positions
-    output_names = [adapter.OUTPUT_NAME, *extra] + [name for _, own, votes in block_names for name in (own, votes)]
+    extra = list(output_names(adapter, model)[1:])  # e.g. Qwen's image_positions
+    fetched = [adapter.OUTPUT_NAME, *extra] + [name for _, own, votes in block_names for name in (own, votes)]
     report = ParityReport(list(batch_sizes), precision)
     report.blocks = {b: {"compared": 0, "set_equal": 0, "order_equal": 0, "near_tie": 0, "votes_equal": 0}
                      for b in blocks}
@@ -210,16 +210,19 @@ def check_onnx_parity(model: torch.nn.Module, onnx_path: Path, inputs: torch.Ten
             t1 = time.perf_counter()
             feed = {adapter.INPUT_NAME: x.numpy()}
             feed.update({forced: kept.keep_index.numpy() for (forced, _, _), kept in zip(block_names, trace or [])})
-            outputs = audit.run(output_names, feed)
+            outputs = audit.run(fetched, feed)
             report.eager_seconds += t1 - t0
             report.onnxruntime_seconds += time.perf_counter() - t1
             if bs == max(batch_sizes) and report.golden is None:
                 report.golden = (x, eager)
             free_logits.append(free.run([adapter.OUTPUT_NAME], {adapter.INPUT_NAME: x.numpy()})[0])
-            for name, want, got in zip(extra, eager_extra, outputs[1:]):  # integer outputs: equal, teacher-forced
-                report.extra_outputs.setdefault(name, {"compared": 0, "equal": 0})
-                report.extra_outputs[name]["compared"] += len(x)
-                report.extra_outputs[name]["equal"] += int(np.all(want.numpy() == got, axis=tuple(range(1, got.ndim))).sum())
+            for name, want, got in zip(extra, eager_extra, outputs[1:]):  # teacher-forced, like the features
+                want = want.float().numpy() if want.is_floating_point() else want.numpy()
+                same = (agreeing([got], [want], precision) if np.issubdtype(got.dtype, np.floating)
+                        else np.all(want == got, axis=tuple(range(1, got.ndim))))  # integers: equal
+                stats = report.extra_outputs.setdefault(name, {"compared": 0, "equal": 0})
+                stats["compared"] += len(x)
+                stats["equal"] += int(same.sum())
             first = 1 + len(extra)
             for i, kept in enumerate(trace or []):
                 own, own_votes, keep = outputs[first + 2 * i], outputs[first + 1 + 2 * i], kept.keep_index.numpy()

@@ -1,31 +1,45 @@
-"""A tiny random Qwen2.5-VL (no hub) and prompts for it: two images of different sizes, left-padded rows."""
+"""Tiny random Qwen2.5-VL and Qwen3-VL (no hub) and prompts for them: two images of different sizes,
+left-padded rows."""
 import torch
 
 from saint_export import compat
 
 compat.import_torchvision()  # before transformers' image utilities (CPU torch, CUDA torchvision)
 
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,  # noqa: E402
+                          Qwen3VLForConditionalGeneration)
 
 IMAGE, VIDEO, START, END, PAD = 190, 191, 192, 193, 0
 SIZES = ((112, 112), (84, 140))  # patch grids 8 × 8 and 6 × 10: 16 and 15 merged tokens
+FAMILIES = ("qwen2.5-vl", "qwen3-vl")
+TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
 
 
-def config(**text):
+def config(family="qwen2.5-vl"):
+    if family == "qwen3-vl":  # full attention, learned positions on a 4 × 4 table, DeepStack after blocks 1 and 2
+        return Qwen3VLConfig(
+            vision_config=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=48,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                               num_position_embeddings=16, deepstack_visual_indexes=[1, 2]),
+            text_config=dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=12, intermediate_size=96, vocab_size=200, max_position_embeddings=512,
+                             pad_token_id=PAD, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                    mrope_section=[2, 2, 2])),
+            **TOKENS)
     return Qwen2_5_VLConfig(
         vision_config=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=48,
                            fullatt_block_indexes=[1, 3], window_size=56, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2, in_channels=3),
         text_config=dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=96, vocab_size=200, max_position_embeddings=512, pad_token_id=PAD,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 2, 2]),
-                         **text),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 2, 2])),
+        **TOKENS)
 
 
-def build(seed=0):
+def build(family="qwen2.5-vl", seed=0):
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config()).eval()
+    cls = Qwen3VLForConditionalGeneration if family == "qwen3-vl" else Qwen2_5_VLForConditionalGeneration
+    model = cls(config(family)).eval()
     model.generation_config.pad_token_id = PAD
     return model
 

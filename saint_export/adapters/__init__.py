@@ -14,6 +14,7 @@ An adapter is a module (ToMe's pattern: one module per family, the same entry po
 | `describe(model)` | `ModelInfo`, or `InputError` for an unsupported variant of the family |
 | `patch(model, droppers)` | put `TokenDropper`s into the pruning blocks |
 | `export_module(model)` | the module the graph is exported from (pixel_values → the output); its parameters are what a name loads |
+| `output_names(model)` | optional: the graph's outputs when there are more than `OUTPUT_NAME` (Qwen's positions) |
 | `features_record(model, dropped)` | for a VLM, how an LLM runtime takes the exported features (manifest `features`), else None |
 | `low_precision_modules(model)` | the Linear layers that fp16 / bf16 lowers |
 | `preprocess(model)` | `images.Preprocess`: how an image becomes the model's input |
@@ -58,6 +59,11 @@ def find_adapter(model):
         if adapter.matches(model):
             return adapter
     raise unsupported(type(model).__name__)
+
+
+def output_names(adapter, model) -> tuple[str, ...]:
+    """The exported graph's outputs, the main one first (an adapter may add more: Qwen's positions)."""
+    return adapter.output_names(model) if hasattr(adapter, "output_names") else (adapter.OUTPUT_NAME,)
 
 
 def unsupported(what: str) -> InputError:

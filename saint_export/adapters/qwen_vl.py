@@ -39,15 +39,27 @@ family = "transformers"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_features"
 POSITIONS_NAME = "image_positions"
-OUTPUT_NAMES = (OUTPUT_NAME, POSITIONS_NAME)  # the graph's outputs, the main one first
-MODEL_TYPES = ("qwen2_5_vl",)
+MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
+DEEPSTACK_NAME = "deepstack_features"
 NOMINAL_SIZE = 448  # the square image an export (and a schedule's counts) is resolved for by default
 MERGE = 2  # the spatial merge of the shipped configs: a group is 2 × 2 patches
 
 
 def _classes():
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
-    return Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel, Qwen3VLForConditionalGeneration,
+                              Qwen3VLModel)
+    return Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, Qwen2_5_VLModel, Qwen3VLModel
+
+
+def _family(config) -> str:
+    """The family's name, from the model's config or its vision config."""
+    return "Qwen3-VL" if config.model_type.startswith("qwen3") else "Qwen2.5-VL"
+
+
+def output_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """The exported graph's outputs, the main one first (Qwen3-VL adds its DeepStack features)."""
+    deepstack = getattr(_vision_config(model), "deepstack_visual_indexes", None)
+    return (OUTPUT_NAME, POSITIONS_NAME, *([DEEPSTACK_NAME] if deepstack else []))
 
 
 def resolve_name(name: str) -> str | None:
@@ -72,9 +84,9 @@ def known_names() -> list[str]:
 def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn.Module:
     """Qwen2.5-VL with its language model on the meta device (no memory, no weights): exports
     need only the tower and its merger. `img_size` is the square image exports are made for."""
-    compat.require_transformers(compat.QWEN_MIN, "Qwen2.5-VL")
-    cls = _classes()[0]
     config = _config(source_name)
+    compat.require_transformers(compat.QWEN_MIN, _family(config))
+    cls = _classes()[MODEL_TYPES.index(config.model_type)]
     size = NOMINAL_SIZE if img_size is None else img_size
     unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
     _check_size(size, unit)
@@ -102,7 +114,7 @@ def set_export_size(model: torch.nn.Module, size: int) -> None:
 
 def _check_size(size: int, unit: int) -> None:
     if size % unit:
-        raise InputError(f"image size {size}: Qwen2.5-VL images are multiples of {unit} px (a 2 × 2 group of "
+        raise InputError(f"image size {size}: Qwen-VL images are multiples of {unit} px (a 2 × 2 group of "
                          f"{unit // 2}-px patches)")
 
 
@@ -123,21 +135,24 @@ def _vision_config(model):
 
 
 def describe(model: torch.nn.Module) -> ModelInfo:
-    """The tower as the keep schedule sees it: its full-attention blocks, the merge groups of the
-    square image of side `img_size` (default NOMINAL_SIZE) and no protected token."""
+    """The tower as the keep schedule sees it: its pruning points (Qwen2.5-VL's full-attention
+    blocks, every block of Qwen3-VL's), the merge groups of the square image of side `img_size`
+    (default NOMINAL_SIZE) and no protected token."""
     config = _vision_config(model)
+    family = _family(config)
     if config.spatial_merge_size != MERGE:
-        raise unsupported(f"Qwen2.5-VL with spatial merge {config.spatial_merge_size}")
+        raise unsupported(f"{family} with spatial merge {config.spatial_merge_size}")
     size = getattr(model, "saint_img_size", NOMINAL_SIZE)
     unit = config.patch_size * MERGE
-    points = list(config.fullatt_block_indexes)
+    points = list(getattr(config, "fullatt_block_indexes", range(config.depth)))
     if points != sorted(points) or points[-1] != config.depth - 1:
-        raise unsupported(f"Qwen2.5-VL whose last block {config.depth - 1} is not a full-attention block")
+        raise unsupported(f"{family} whose last block {config.depth - 1} is not a full-attention block")
     # The FLOPs ratio counts merge groups as tokens: exact for the linear layers, which dominate
-    # (the SwiGLU MLP's three matrices as an MLP ratio of 1.5 · intermediate / hidden); attention's
-    # quadratic term is approximate (as if over the whole image, in groups).
+    # (Qwen2.5-VL's SwiGLU MLP has three matrices: an MLP ratio of 1.5 · intermediate / hidden);
+    # attention's quadratic term is approximate (as if over the whole image, in groups).
+    matrices = 1.5 if family == "Qwen2.5-VL" else 1.0
     return ModelInfo(depth=len(points), num_patches=(size // unit) ** 2, num_protected=0,
-                     embed_dim=config.hidden_size, mlp_ratio=1.5 * config.intermediate_size / config.hidden_size,
+                     embed_dim=config.hidden_size, mlp_ratio=matrices * config.intermediate_size / config.hidden_size,
                      img_size=size, patch_size=unit, spans=tuple(b - a for a, b in zip([-1, *points], points)))
 
 
@@ -145,20 +160,22 @@ def describe(model: torch.nn.Module) -> ModelInfo:
 
 class Layout(NamedTuple):
     """How the tower lays out the tokens of one image grid (compat.qwen_vision_layout), computed
-    once per grid: rotary tables in window order, window order → raster merge group, and each
-    window-order group's window and frame (None where the whole image is one)."""
+    once per grid, outside any trace: rotary tables in the blocks' order, that order → raster merge
+    group, each group's window and frame (None where the whole image is one), and Qwen3-VL's
+    learned-position taps (None for Qwen2.5-VL)."""
     grid: tuple[int, int, int]
     cos: torch.Tensor
     sin: torch.Tensor
     window_index: torch.Tensor
     windows: torch.Tensor | None
     frames: torch.Tensor | None
+    taps: tuple | None
 
     @classmethod
-    def of(cls, visual, grid: tuple[int, int, int]) -> "Layout":
-        cos, sin, window_index, windows, frames = compat.qwen_vision_layout(visual, torch.tensor(grid))
+    def of(cls, tower, grid: tuple[int, int, int]) -> "Layout":
+        cos, sin, window_index, windows, frames, taps = compat.qwen_vision_layout(tower, torch.tensor(grid))
         return cls(grid, cos, sin, window_index, windows if len(set(windows.tolist())) > 1 else None,
-                   frames if len(set(frames.tolist())) > 1 else None)
+                   frames if len(set(frames.tolist())) > 1 else None, taps)
 
 
 class TowerPruner:
@@ -194,17 +211,19 @@ class TowerPruner:
         return self._droppers[groups]
 
 
-def pruned_tower(visual, patches: torch.Tensor, layout: Layout, droppers: dict):
+def pruned_tower(tower, patches: torch.Tensor, layout: Layout, droppers: dict):
     """`patches` [B, N, C·T·P·P] of B images with the patch grid of `layout` → (features
-    [B, K, D_llm] in raster order, their merge groups' raster indices [B, K])."""
+    [B, K, D_llm] in raster order, their merge groups' raster indices [B, K], and Qwen3-VL's
+    DeepStack features of the same K groups, one [B, K, D_llm] per DeepStack layer)."""
     batch, tokens, _ = patches.shape
     unit = MERGE * MERGE
-    x = compat.qwen_patch_embed(visual, patches.reshape(batch * tokens, -1)).view(batch, tokens, -1)
+    x = compat.qwen_patch_embed(tower, patches, layout.taps)
     x = x.view(batch, tokens // unit, unit, -1)[:, layout.window_index].reshape(batch, tokens, -1)
-    alive = torch.arange(tokens // unit, device=x.device).expand(batch, -1)  # window-order groups still there
+    alive = torch.arange(tokens // unit, device=x.device).expand(batch, -1)  # the blocks' groups still there
     cos, sin = layout.cos.expand(batch, -1, -1), layout.sin.expand(batch, -1, -1)
-    full = set(compat.qwen_full_attention_blocks(visual))
-    for index, block in enumerate(compat.qwen_vision_blocks(visual)):
+    full = set(compat.qwen_full_attention_blocks(tower))
+    deepstack_mergers, deepstack = compat.qwen_deepstack(tower), []
+    for index, block in enumerate(compat.qwen_vision_blocks(tower)):
         groups_of = layout.frames if index in full else layout.windows
         allowed = None  # None: one window (or frame) holds the whole image
         if groups_of is not None:
@@ -214,15 +233,18 @@ def pruned_tower(visual, patches: torch.Tensor, layout: Layout, droppers: dict):
         if index in droppers:
             group_keys = keys.view(batch, -1, unit, keys.shape[-1]).mean(2)
             keep = droppers[index](group_keys)
-            if keep is not None:
+            if keep is not None:  # whole groups go, from the tokens and from earlier DeepStack features
                 keep = keep.sort(dim=1).values
                 x, cos, sin = (_gather_groups(t, keep, unit) for t in (x, cos, sin))
+                deepstack = [gather_tokens(d, keep) for d in deepstack]
                 alive = alive.gather(1, keep)
         x = compat.qwen_vision_mlp(block, x)
-    merged = compat.qwen_merge(visual, x)
+        if index in deepstack_mergers:
+            deepstack.append(compat.qwen_merge(tower, x, deepstack_mergers[index]))
+    merged = compat.qwen_merge(tower, x)
     raster = layout.window_index[alive]
     order = raster.argsort(dim=1)
-    return gather_tokens(merged, order), raster.gather(1, order)
+    return (gather_tokens(merged, order), raster.gather(1, order), [gather_tokens(d, order) for d in deepstack])
 
 
 def _gather_groups(x: torch.Tensor, keep: torch.Tensor, unit: int) -> torch.Tensor:
@@ -240,22 +262,24 @@ def grid_positions(raster: torch.Tensor, grid: tuple[int, int, int]) -> torch.Te
 @torch.no_grad()
 def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
     """The pruned tower on the processor's flattened patches of every image: (features per image
-    [K_i, D_llm], kept merge groups per image [K_i], raster order)."""
-    visual = compat.qwen_visual(model)
+    [K_i, D_llm], kept merge groups per image [K_i], raster order; DeepStack features per layer and
+    image, empty for Qwen2.5-VL)."""
+    tower = compat.qwen_visual(model)
     pruner = model.saint_tower
-    features, kept, start = [], [], 0
-    patches = pixel_values.to(next(visual.parameters()).dtype)
+    features, kept, deepstack, start = [], [], [], 0
+    patches = pixel_values.to(next(tower.parameters()).dtype)
     for grid in image_grid_thw.tolist():
         grid = tuple(int(v) for v in grid)
         tokens = grid[0] * grid[1] * grid[2]
-        feats, raster = pruned_tower(visual, patches[None, start:start + tokens], pruner.layout(grid),
-                                     pruner.droppers(grid))
+        feats, raster, stacks = pruned_tower(tower, patches[None, start:start + tokens], pruner.layout(grid),
+                                             pruner.droppers(grid))
         features.append(feats[0])
         kept.append(raster[0])
+        deepstack.append([d[0] for d in stacks])
         start += tokens
     if start != len(pixel_values):
         raise InputError(f"pixel_values holds {len(pixel_values)} patches but image_grid_thw describes {start}")
-    return features, kept
+    return features, kept, [list(layer) for layer in zip(*deepstack)]
 
 
 # --- prompts: cut the dropped placeholders, keep every position --------------------------------------
@@ -268,19 +292,20 @@ def fit_inputs(model, kwargs: dict) -> dict:
     then t/h/w) holding the unpruned prompt's M-RoPE positions at the columns that stay."""
     from ..vlm import repack
 
+    config = compat.qwen_core(model).config
+    family = _family(config)
     ids, mask, grid = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("image_grid_thw")
     if ids is None or grid is None:
-        raise InputError("Qwen2.5-VL with a pruned tower needs input_ids and image_grid_thw beside pixel_values")
+        raise InputError(f"{family} with a pruned tower needs input_ids and image_grid_thw beside pixel_values")
     if kwargs.get("position_ids") is not None or kwargs.get("labels") is not None:
-        raise InputError("a pruned Qwen2.5-VL tower computes the prompt's positions itself: do not pass "
+        raise InputError(f"a pruned {family} tower computes the prompt's positions itself: do not pass "
                          "position_ids or labels with pixel_values")
-    config = compat.qwen_core(model).config
     is_image = ids == config.image_token_id
     per_image = [int(t * h * w) // (MERGE * MERGE) for t, h, w in grid.tolist()]
     if int(is_image.sum()) != sum(per_image):
         raise InputError(f"the prompts hold {int(is_image.sum())} image placeholders for {len(per_image)} images: "
                          f"expected {sum(per_image)} (t·h·w/4 per image, the processor's count {per_image})")
-    features, kept = image_features(model, kwargs["pixel_values"], grid)
+    features, kept, deepstack = image_features(model, kwargs["pixel_values"], grid)
     mm_types = kwargs.get("mm_token_type_ids")
     if mm_types is None:
         mm_types = is_image.int()
@@ -306,7 +331,7 @@ def fit_inputs(model, kwargs: dict) -> dict:
     compat.qwen_set_rope_deltas(model, (largest + 1 - valid.sum(1))[:, None])
     rest = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "input_ids", "attention_mask")}
     return {**rest, "input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm_types,
-            "position_ids": torch.cat([text[None], positions]), **compat.qwen_image_output(features)}
+            "position_ids": torch.cat([text[None], positions]), **compat.qwen_image_output(features, deepstack)}
 
 
 def install_prompt_fit(model) -> None:
@@ -341,11 +366,28 @@ def install_prompt_fit(model) -> None:
 def patch(model: torch.nn.Module, droppers: dict) -> None:
     if not droppers:
         return  # nothing is dropped in the tower: the model stays as it is
-    if not isinstance(model, _classes()[0]):
-        raise unsupported("Qwen2_5_VLModel with a pruned tower (pass Qwen2_5_VLForConditionalGeneration)")
-    state = next(iter(droppers.values())).state
-    model.saint_tower = TowerPruner(compat.qwen_visual(model), state)
+    if not isinstance(model, _classes()[:2]):
+        raise unsupported(f"{type(model).__name__} with a pruned tower (pass the ForConditionalGeneration model)")
+    model.saint_tower = TowerPruner(compat.qwen_visual(model), next(iter(droppers.values())).state)
     install_prompt_fit(model)
+
+
+def llm_installed(model: torch.nn.Module, state) -> None:
+    """After LLM-side SAINT is installed: Qwen3-VL adds DeepStack features at the image positions
+    after its first decoder layers; once image tokens are gone, only the survivors' rows are added."""
+    if not compat.qwen_deepstack(compat.qwen_visual(model)):
+        return
+    run = state.run
+
+    def surviving_rows(visual_mask, embeds):
+        if not run.get("stages"):
+            return visual_mask, embeds
+        # Row-major rank of every image token of the prompt, read at the columns that survive.
+        rank = (visual_mask.flatten().cumsum(0) - 1).view(visual_mask.shape)
+        surviving = run["image_now"]
+        return surviving, embeds[rank.gather(1, run["original"])[surviving]]
+
+    compat.qwen_wrap_deepstack(model, surviving_rows)
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -353,7 +395,9 @@ def patch(model: torch.nn.Module, droppers: dict) -> None:
 class ImageFeatures(torch.nn.Module):
     """What an exported graph computes: images [B, 3, S, S] of the export's size S (normalised as
     `preprocess` says) → (image_features [B, K, D_llm], image_positions [B, K, 3]: each feature's
-    (t, h, w) on the merged grid, which the LLM's M-RoPE offsets as it offsets an image)."""
+    (t, h, w) on the merged grid, which the LLM's M-RoPE offsets as it offsets an image; for
+    Qwen3-VL also deepstack_features [B, L, K, D_llm], added at the image positions after the
+    first L decoder layers)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -370,9 +414,10 @@ class ImageFeatures(torch.nn.Module):
         self.droppers = pruner.droppers(self.grid) if self.saint is not None else {}
 
     def forward(self, pixel_values: torch.Tensor):
-        features, raster = pruned_tower(self.tower, patchify(pixel_values, self.vision_config), self.layout,
-                                        self.droppers)
-        return features, grid_positions(raster, self.grid)
+        features, raster, deepstack = pruned_tower(self.tower, patchify(pixel_values, self.vision_config),
+                                                   self.layout, self.droppers)
+        positions = grid_positions(raster, self.grid)
+        return (features, positions, torch.stack(deepstack, 1)) if deepstack else (features, positions)
 
 
 def patchify(images: torch.Tensor, config) -> torch.Tensor:
@@ -395,16 +440,22 @@ def features_record(model: torch.nn.Module, dropped: int) -> dict:
     info = describe(model)
     kept = info.num_patches - dropped
     config = compat.qwen_core(model).config
-    side = info.img_size // compat.qwen_visual(model).config.patch_size
+    side = info.img_size // _vision_config(model).patch_size
+    extra = [{"name": POSITIONS_NAME, "shape": ["batch", kept, 3], "dtype": "int64"}]
+    deepstack = getattr(config.vision_config, "deepstack_visual_indexes", None)
+    if deepstack:
+        extra.append({"name": DEEPSTACK_NAME, "shape": ["batch", len(deepstack), kept, config.text_config.hidden_size],
+                      "dtype": "float32"})
     return {
         "tokens_per_image": kept, "unpruned_tokens_per_image": info.num_patches,
         "hidden_size": config.text_config.hidden_size, "image_grid_thw": [1, side, side],
-        "image_token_id": config.image_token_id,
-        "extra_outputs": [{"name": POSITIONS_NAME, "shape": ["batch", kept, 3], "dtype": "int64"}],
+        "image_token_id": config.image_token_id, "extra_outputs": extra,
         "positions": "image_positions[b, k] is feature k's (t, h, w) on the merged grid; the LLM's M-RoPE gives "
                      "it (s + t, s + h, s + w), s = the position of the first placeholder, and the text after the "
                      f"image resumes at s + {side // MERGE} (as unpruned)",
-        "transformers": "saint_export.apply(qwen, <keep schedule>) takes usual prompts; for features computed "
+        **({"deepstack": f"deepstack_features[b, l] is added at the image positions after decoder layer l "
+                         f"(l < {len(deepstack)})"} if deepstack else {}),
+        "transformers": "saint_export.apply(model, <keep schedule>) takes usual prompts; for features computed "
                         "elsewhere write K placeholders per image and pass position_ids built from image_positions",
         "vllm": "not yet: vLLM sizes Qwen placeholders from image_grid_thw (docs/vlm.md)",
     }
@@ -416,9 +467,12 @@ def low_precision_modules(model: torch.nn.Module) -> list[torch.nn.Linear]:
 
 
 def preprocess(model: torch.nn.Module) -> Preprocess:
-    """Qwen2VLImageProcessor's normalisation (OpenAI CLIP's mean and std) at the export's square size."""
-    return Preprocess(size=describe(model).img_size, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0,
-                      interpolation="bicubic")
+    """The image processors' normalisation at the export's square size: Qwen2.5-VL's is OpenAI
+    CLIP's mean and std, Qwen3-VL's 0.5 / 0.5."""
+    size = describe(model).img_size
+    if _vision_config(model).model_type.startswith("qwen3"):
+        return Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, interpolation="bicubic")
+    return Preprocess(size=size, mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0, interpolation="bicubic")
 
 
 def label_names(model: torch.nn.Module) -> None:
