@@ -1,4 +1,4 @@
-"""LLaVA with a pruned vision tower (ViT-only mode): prompts written the usual way keep working.
+"""VLMs with a pruned vision tower (ViT-only mode): prompts written the usual way keep working.
 
 LLaVA's processor writes one image placeholder per original patch (576 for LLaVA-1.5), and
 transformers checks that the placeholders match the image features. A pruned tower returns K < n
@@ -75,42 +75,54 @@ def install(model, original: int, kept: int) -> None:
     if original == kept:
         return
     config = model.config
-    image_token = config.image_token_id
     text = getattr(config, "text_config", config)
     pad_token = getattr(text, "pad_token_id", None)
-    pad_token = 0 if pad_token is None else pad_token
-    fit = functools.partial(fit_prompt, image_token=image_token, original=original, kept=kept, pad_token=pad_token)
+    fit = functools.partial(fit_prompt, image_token=config.image_token_id, original=original, kept=kept,
+                            pad_token=0 if pad_token is None else pad_token)
 
-    def forward_pre_hook(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        pixels = kwargs.get("pixel_values")
-        if ids is None or pixels is None or ids.shape[1] == 1:
-            return None  # decoding steps, text-only calls, features passed in
-        new_ids, new_mask = fit(ids, kwargs.get("attention_mask"), len(pixels))
+    def fit_inputs(kwargs: dict) -> dict | None:
+        ids = kwargs.get("input_ids")
+        if ids is None or ids.shape[1] == 1:
+            return None  # decoding steps, features passed in
+        new_ids, new_mask = fit(ids, kwargs.get("attention_mask"), len(kwargs["pixel_values"]))
         if new_ids is ids:
             return None
         if kwargs.get("position_ids") is not None or kwargs.get("labels") is not None:
             raise InputError("prompts with the processor's placeholder count cannot be combined with explicit "
                              "position_ids or labels; write the pruned tower's count of placeholders instead")
-        kwargs = {**kwargs, "input_ids": new_ids, "attention_mask": new_mask}
-        return args[1:] if args else args, kwargs
+        return {**kwargs, "input_ids": new_ids, "attention_mask": new_mask}
+
+    install_input_fit(model, fit_inputs)
+
+
+def install_input_fit(model, fit) -> None:
+    """Rewrite the keyword arguments of `model`'s forward and generate calls that carry
+    pixel_values with `fit(kwargs)` → new kwargs (None: leave them): a forward pre-hook, and an
+    instance-level `generate` wrapper (generate derives positions and masks from the prompt
+    before the first forward) that returns the caller's own prompt followed by the new tokens."""
+
+    def forward_pre_hook(module, args, kwargs):
+        if kwargs.get("pixel_values") is None:
+            return None  # decoding steps, text-only calls, features passed in
+        fitted = fit({"input_ids": args[0], **kwargs} if args else kwargs)
+        return None if fitted is None else ((), fitted)
 
     model.register_forward_pre_hook(forward_pre_hook, with_kwargs=True)
-    if hasattr(model, "generate"):
-        original_generate = model.generate
+    if not hasattr(model, "generate"):
+        return
+    original_generate = model.generate
 
-        @functools.wraps(original_generate)
-        def generate(input_ids=None, attention_mask=None, **kwargs):
-            pixels = kwargs.get("pixel_values")
-            if input_ids is None or pixels is None:
-                return original_generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            new_ids, new_mask = fit(input_ids, attention_mask, len(pixels))
-            out = original_generate(input_ids=new_ids, attention_mask=new_mask, **kwargs)
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            restored = torch.cat([input_ids, sequences[:, new_ids.shape[1]:]], 1)
-            if isinstance(out, torch.Tensor):
-                return restored
-            out.sequences = restored
-            return out
+    @functools.wraps(original_generate)
+    def generate(input_ids=None, **kwargs):
+        fitted = None if kwargs.get("pixel_values") is None else fit({"input_ids": input_ids, **kwargs})
+        if fitted is None:
+            return original_generate(input_ids=input_ids, **kwargs)
+        out = original_generate(**fitted)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        restored = torch.cat([input_ids, sequences[:, fitted["input_ids"].shape[1]:]], 1)
+        if isinstance(out, torch.Tensor):
+            return restored
+        out.sequences = restored
+        return out
 
-        model.generate = generate
+    model.generate = generate

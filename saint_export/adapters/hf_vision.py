@@ -214,10 +214,22 @@ def _select(layer, hidden_states: torch.Tensor) -> torch.Tensor:
     batch, tokens, _ = keys.shape
     keys = keys.view(batch, tokens, compat.attention_heads(layer), -1).mean(2)
     keep_index = layer.saint_dropper(keys)
-    return hidden_states if keep_index is None else gather_tokens(hidden_states, keep_index.sort(dim=1).values)
+    # The survivors, ascending (for ImageFeatures.track_positions: where each token came from).
+    layer.saint_kept = None if keep_index is None else keep_index.sort(dim=1).values
+    return hidden_states if layer.saint_kept is None else gather_tokens(hidden_states, layer.saint_kept)
 
 
 def patch(model: torch.nn.Module, droppers: dict) -> None:
+    patch_tower(model, droppers)
+    schedule = next(iter(droppers.values())).state.schedule if droppers else None
+    if is_llava(model) and schedule is not None and schedule.drops is not None:
+        from .. import vlm
+
+        vlm.install(model, *image_token_counts(model, sum(schedule.drops)))
+
+
+def patch_tower(model: torch.nn.Module, droppers: dict) -> None:
+    """The pruning encoder layers of the tower (also LLaVA-NeXT's and OneVision's)."""
     for index, dropper in droppers.items():
         layer = layers(model)[index]
         layer.__class__ = saint_layer_class(type(layer))
@@ -225,11 +237,6 @@ def patch(model: torch.nn.Module, droppers: dict) -> None:
         layer.saint_keys = []
         compat.key_projection(layer).register_forward_hook(
             lambda module, args, out, layer=layer: layer.saint_keys.append(out))
-    schedule = next(iter(droppers.values())).state.schedule if droppers else None
-    if is_llava(model) and schedule is not None and schedule.drops is not None:
-        from .. import vlm
-
-        vlm.install(model, *image_token_counts(model, sum(schedule.drops)))
 
 
 class ImageFeatures(torch.nn.Module):
@@ -238,17 +245,22 @@ class ImageFeatures(torch.nn.Module):
     LLaVA: the tower run only up to its feature layer, the feature selection ('default' drops
     the first token) and the projector: [B, K, D_llm], what LLaVA puts at its image placeholders
     (tests check it equals transformers' `get_image_features`). A tower: its own forward's
-    last_hidden_state [B, K, D], or image_embeds [B, D] for a projection variant."""
+    last_hidden_state [B, K, D], or image_embeds [B, D] for a projection variant.
 
-    def __init__(self, model: torch.nn.Module):
+    With `track_positions` (LLaVA-style models only) it also returns each feature's patch index in
+    the image's raster order, [B, K] int64 (what LLaVA-NeXT needs to stitch crops)."""
+
+    def __init__(self, model: torch.nn.Module, track_positions: bool = False):
         super().__init__()
         self.saint = getattr(model, "saint", None)  # the same state: the parity gate records selections
+        self.track_positions = track_positions
         self.llava = is_llava(model)
         if self.llava:
             self.stem = torch.nn.Sequential(*compat.tower_stem(model))
             self.layers = torch.nn.ModuleList(layers(model)[:feature_depth(model)])
             self.drop_first = model.config.vision_feature_select_strategy == "default"
             self.projector = compat.projector(model)
+            self.saint_vision_config = model.config.vision_config
         else:
             self.model = model
             self.output = "image_embeds" if hasattr(model, "visual_projection") else "last_hidden_state"
@@ -257,9 +269,17 @@ class ImageFeatures(torch.nn.Module):
         if not self.llava:
             return getattr(self.model(pixel_values=pixel_values), self.output)
         hidden = self.stem(pixel_values)
+        alive = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         for layer in self.layers:
+            layer.saint_kept = None
             hidden = layer(hidden, None)
-        return self.projector(hidden[:, 1:] if self.drop_first else hidden)
+            if self.track_positions and layer.saint_kept is not None:
+                alive = alive.gather(1, layer.saint_kept)
+        features = self.projector(hidden[:, 1:] if self.drop_first else hidden)
+        if not self.track_positions:
+            return features
+        protected = _protected(self.saint_vision_config)
+        return features, (alive[:, 1:] if self.drop_first else alive) - protected
 
 
 def export_module(model: torch.nn.Module) -> torch.nn.Module:

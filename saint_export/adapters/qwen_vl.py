@@ -334,42 +334,15 @@ def fit_inputs(model, kwargs: dict) -> dict:
             "position_ids": torch.cat([text[None], positions]), **compat.qwen_image_output(features, deepstack)}
 
 
-def install_prompt_fit(model) -> None:
-    """Make `model`'s forward and generate take usual prompts with pixel_values (fit_inputs)."""
-
-    def forward_pre_hook(module, args, kwargs):
-        if kwargs.get("pixel_values") is None:
-            return None  # decoding steps, text-only calls, features passed in
-        if args:
-            kwargs = {"input_ids": args[0], **kwargs}
-        return (), fit_inputs(model, kwargs)
-
-    model.register_forward_pre_hook(forward_pre_hook, with_kwargs=True)
-    original_generate = model.generate
-
-    @functools.wraps(original_generate)
-    def generate(input_ids=None, **kwargs):
-        if kwargs.get("pixel_values") is None:
-            return original_generate(input_ids=input_ids, **kwargs)
-        fitted = fit_inputs(model, {"input_ids": input_ids, **kwargs})
-        out = original_generate(**fitted)
-        sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        restored = torch.cat([input_ids, sequences[:, fitted["input_ids"].shape[1]:]], 1)
-        if isinstance(out, torch.Tensor):
-            return restored
-        out.sequences = restored
-        return out
-
-    model.generate = generate
-
-
 def patch(model: torch.nn.Module, droppers: dict) -> None:
     if not droppers:
         return  # nothing is dropped in the tower: the model stays as it is
     if not isinstance(model, _classes()[:2]):
         raise unsupported(f"{type(model).__name__} with a pruned tower (pass the ForConditionalGeneration model)")
+    from ..vlm import install_input_fit
+
     model.saint_tower = TowerPruner(compat.qwen_visual(model), next(iter(droppers.values())).state)
-    install_prompt_fit(model)
+    install_input_fit(model, functools.partial(fit_inputs, model))
 
 
 def llm_installed(model: torch.nn.Module, state) -> None:
