@@ -359,7 +359,7 @@ def qwen_set_rope_deltas(model: torch.nn.Module, deltas: torch.Tensor) -> None:
     qwen_core(model).rope_deltas = deltas
 
 
-def qwen_image_output(features: list, deepstack: list) -> dict:
+def image_features_output(features: list, deepstack: list = ()) -> dict:
     """Image features per image (and Qwen3-VL's DeepStack features, per layer and image) as the
     forward's `mm_encoder_outputs` (5.24) takes them."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -368,3 +368,43 @@ def qwen_image_output(features: list, deepstack: list) -> dict:
     if deepstack:
         output["deepstack_features"] = [tuple(layer) for layer in deepstack]
     return {"mm_encoder_outputs": {"image": output}}
+
+
+# --- transformers: LLaVA-NeXT and LLaVA-OneVision's anyres crops (5.24) ----------------------------
+
+def anyres_crops(model: torch.nn.Module, image_sizes, batch_num_images=None) -> list[int]:
+    """Crops per image, base included, as `get_image_features` counts them (OneVision takes one
+    crop per image of a multi-image prompt)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = llava_core(model).config
+    patched = [True] * len(image_sizes) if batch_num_images is None else \
+        [n == 1 for n in batch_num_images.tolist() for _ in range(n)]
+    return [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            if crop else 1 for size, crop in zip(image_sizes, patched)]
+
+
+def anyres_grid(model: torch.nn.Module, image_size) -> tuple[int, int]:
+    """(rows, columns) of an image's high-resolution crops."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    config = llava_core(model).config
+    return tuple(get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size))
+
+
+def anyres_token_counts(model: torch.nn.Module, image_sizes, batch_num_images=None) -> list[int]:
+    """The unpruned features per image (unpadded, with newlines): the processor's placeholder
+    count, from the model's own packing run on empty features."""
+    import torch
+
+    core = llava_core(model)
+    config = core.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    empty = [torch.zeros(n, side * side, 1) for n in anyres_crops(model, image_sizes, batch_num_images)]
+    if config.model_type == "llava_onevision":
+        packed, lengths = core.pack_image_features(empty, image_sizes, image_newline=torch.zeros(1),
+                                                   vision_aspect_ratio=config.vision_aspect_ratio)
+    else:
+        packed, lengths = core.pack_image_features(empty, image_sizes, config.vision_feature_select_strategy,
+                                                   image_newline=torch.zeros(1))
+    return lengths.tolist()

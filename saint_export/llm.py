@@ -34,7 +34,7 @@ import torch
 from . import compat, core
 from .errors import InputError
 from .schedule import ScheduleError, _early_drops
-from .spec import TOPK_LIMIT, drop_problem
+from .spec import TOPK_LIMIT, drop_problem, max_drop
 from .vlm import column_index
 
 REFERENCE_LAYERS = (7, 16)  # of LLaVA-1.5-7B's 32 decoder layers
@@ -240,7 +240,9 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
             spans.append(span), keeps.append(keep[0]), votes.append(vote_rows)
         if schedule.is_dynamic:  # SAINT order with nothing protected: the r best-scored A tokens come first
             r = core.dynamic_drop(torch.cat(votes))
-            keeps, dropped = [keep[r:] for keep in keeps], [r] * len(h)
+            # One r for the batch (the reference's rule), at most what a row with fewer image tokens can drop.
+            dropped = [min(r, max_drop(len(span))) for span in spans]
+            keeps = [keep[d:] for keep, d in zip(keeps, dropped)]
         else:
             dropped = [drops[i] for drops in st["drops"]]
         kept_image = [span[keep.sort().values] for span, keep in zip(spans, keeps)]
@@ -324,6 +326,7 @@ def resolve(spec: str, model, tower_dropped: int | None, name: str | None = None
     except InputError:
         counter = None
     if counter is None:
-        raise InputError(f"an LLM schedule needs a VLM (LLaVA or Qwen2.5-VL), not {name or type(model).__name__}")
+        raise InputError(f"an LLM schedule needs a VLM (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or "
+                         f"Qwen3-VL), not {name or type(model).__name__}")
     image_tokens = counter(model, tower_dropped)
     return LlmSchedule.parse(spec, compat.language_model(model).config.num_hidden_layers, image_tokens)

@@ -382,7 +382,8 @@ def test_llm_bad_inputs_get_one_clear_error():
 
     with pytest.raises(se.InputError, match=r"LLM schedule 'r:40': layer 0 drops 40 but can drop at most ⌈32/2⌉ = 16 \(the A half of its 32 image"):
         se.apply(tiny_llava(), "early50", llm_schedule="r:40")  # 32 image tokens reach the LLM
-    with pytest.raises(se.InputError, match=r"an LLM schedule needs a VLM \(LLaVA or Qwen2.5-VL\), not CLIPVisionModel"):
+    with pytest.raises(se.InputError, match=r"an LLM schedule needs a VLM \(LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or "
+                                            r"Qwen3-VL\), not CLIPVisionModel"):
         se.apply(make_tower("clip"), "none", llm_schedule="r:1")
     model = se.apply(tiny_llava(), "none", llm_schedule="r:0,4")
     text_only = torch.tensor([[1, 5, 6, 7]])

@@ -148,7 +148,8 @@ def test_cli_unknown_checkpoint_and_llm_mode_on_a_vit(tmp_path, capsys):
     code, _, err = run(capsys, "llava-1.5-7", "--print-schedule")
     assert code == 2 and "did you mean llava-1.5-7b" in only_error_line(err)
     code, _, err = run(capsys, "test_vit", "--mode", "llm", "--print-schedule")
-    assert code == 2 and "an LLM schedule needs a VLM (LLaVA or Qwen2.5-VL), not test_vit" in only_error_line(err)
+    assert code == 2 and ("an LLM schedule needs a VLM (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL), "
+                          "not test_vit") in only_error_line(err)
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"x")
     code, _, err = run(capsys, "clip-vit-b16", "--weights", str(weights), "-o", str(tmp_path / "o"))

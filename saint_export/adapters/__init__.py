@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 
-ADAPTERS = ("timm_vit", "qwen_vl", "hf_vision")  # modules of this package, asked in order
+ADAPTERS = ("timm_vit", "qwen_vl", "llava_anyres", "hf_vision")  # modules of this package, asked in order
 SUPPORTED = ("timm VisionTransformer-family models (ViT, DeiT, DeiT-III, register and distilled variants) and "
-             "transformers CLIP/SigLIP vision towers, LLaVA and Qwen2.5-VL")
+             "transformers CLIP/SigLIP vision towers, LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL and Qwen3-VL")
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,8 @@ def features_record(model: torch.nn.Module, dropped: int) -> dict | None:
 def llm_image_tokens(model: torch.nn.Module, tower_dropped: int | None) -> int:
     """LLaVA's image tokens per LLM row when the tower drops `tower_dropped` (None: dynamic)."""
     if not is_llava(model):
-        raise InputError(f"an LLM schedule needs a VLM (LLaVA or Qwen2.5-VL), not {type(model).__name__}")
+        raise InputError(f"an LLM schedule needs a VLM (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or "
+                         f"Qwen3-VL), not {type(model).__name__}")
     if tower_dropped is None:
         raise InputError("an LLM schedule needs a static tower schedule (the image-token count must be known)")
     return image_token_counts(model, tower_dropped)[1]

@@ -331,7 +331,7 @@ def fit_inputs(model, kwargs: dict) -> dict:
     compat.qwen_set_rope_deltas(model, (largest + 1 - valid.sum(1))[:, None])
     rest = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "input_ids", "attention_mask")}
     return {**rest, "input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm_types,
-            "position_ids": torch.cat([text[None], positions]), **compat.qwen_image_output(features, deepstack)}
+            "position_ids": torch.cat([text[None], positions]), **compat.image_features_output(features, deepstack)}
 
 
 def patch(model: torch.nn.Module, droppers: dict) -> None:
