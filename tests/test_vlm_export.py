@@ -81,7 +81,7 @@ def test_llm_schedule_is_recorded_for_pytorch_and_checked_first(tmp_path):
     assert not (tmp_path / "g").exists()
 
 
-@pytest.mark.parametrize("alias", list(hf_vision.checkpoints()))
+@pytest.mark.parametrize("alias", list(hf_vision._own_checkpoints()))  # Qwen and anyres: their own tests
 def test_every_alias_resolves_offline_from_its_shipped_config(alias):
     arch = architecture(alias)
     assert arch.source_name == hf_vision.checkpoints()[alias]["repo"]
