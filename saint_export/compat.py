@@ -218,11 +218,13 @@ def timm_attention_with_keys(attn, x: "torch.Tensor") -> "tuple[torch.Tensor, to
     return attn.proj_drop(attn.proj(x)), keys
 
 
-# --- transformers: Qwen2.5-VL (5.24: the vision helpers of transformers.vision_utils, the
-# `mm_token_type_ids` of get_rope_index and the `mm_encoder_outputs` forward argument) -----------
-# Older releases lay the tower out differently (no vision_utils, another rotary module), so the
-# Qwen family needs this release or later; LLaVA keeps the whole tested range.
-QWEN_MIN = "5.24.0"
+# --- transformers: Qwen2.5-VL and Qwen3-VL (5.24: the vision helpers of transformers.vision_utils,
+# the `mm_token_type_ids` of get_rope_index and the `mm_encoder_outputs` forward argument, which
+# LLaVA-NeXT/OneVision take too) -------------------------------------------------------------------
+# Older releases lay the Qwen towers out differently (no vision_utils, another rotary module) and
+# have no `mm_encoder_outputs`, so these families need this release or later; LLaVA-1.5 and the
+# towers keep the whole tested range.
+VLM_FAMILIES_MIN = "5.24.0"
 
 
 def require_transformers(minimum: str, what: str) -> None:

@@ -132,7 +132,7 @@ class LlmSchedule:
         if self.image_tokens is None and not self.is_dynamic:
             lines += [f"{i:>5}  {'?':>15}  {'per row' if i in self.pruning_layers else '0':>13}"
                       for i in range(self.depth)]
-            lines.append("prefill FLOPs ratio: per row (dynamic resolution)")
+            lines.append("prefill FLOPs ratio: per row (each prompt's image-token count)")
             return "\n".join(lines)
         if self.drops is None:
             first, last = self.dynamic_layers

@@ -91,7 +91,8 @@ def resolve_llm_schedule(llm_schedule: str, model, keep_schedule="none"):
     static `keep_schedule` (docs/vlm.md); None for "none". No weights are loaded."""
     if llm_schedule == "none":
         return None
-    schedule = resolve_schedule(keep_schedule, model)
+    # A schedule resolved already (for the image size the caller chose) is taken as it is.
+    schedule = keep_schedule if isinstance(keep_schedule, KeepSchedule) else resolve_schedule(keep_schedule, model)
     schedule.require_static()
     return _resolve_llm_schedule(llm_schedule, model, schedule)
 

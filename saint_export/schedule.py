@@ -136,6 +136,11 @@ class KeepSchedule:
         """The per-block table: block, tokens in, dropped, tokens out."""
         p = self.num_protected
         lines = [f"keep schedule {self.spec!r}: depth {self.depth}, {self.num_patches} patches + {p} protected"]
+        names = list(range(self.depth))
+        if self.spans and max(self.spans) > 1:  # some of the model's blocks: name them by the model's index
+            names = [sum(self.spans[:i + 1]) - 1 for i in range(self.depth)]
+            lines = [f"keep schedule {self.spec!r}: {self.depth} pruning blocks ({', '.join(map(str, names))}) of "
+                     f"{sum(self.spans)}, {self.num_patches} tokens + {p} protected"]
         if self.rule == "degree":
             block = self.pruning_blocks[0]
             steps = degree_steps(self.patch_counts()[block], self.patch_counts()[block + 1], self.r0)
@@ -150,7 +155,7 @@ class KeepSchedule:
             return "\n".join(lines)
         counts = self.patch_counts()
         for i, r in enumerate(self.drops):
-            lines.append(f"{i:>5}  {counts[i] + p:>9}  {r:>7}  {counts[i + 1] + p:>10}")
+            lines.append(f"{names[i]:>5}  {counts[i] + p:>9}  {r:>7}  {counts[i + 1] + p:>10}")
         if self.embed_dim is None:
             lines.append("FLOPs ratio: needs the model's width (KeepSchedule.for_model)")
         else:

@@ -1,7 +1,8 @@
-"""SAINT in a LLaVA-shaped model: prefill and whole-generation latency, pruned against unpruned,
-beside the FLOPs-ideal ratio (the README's VLM figures).
+"""SAINT in a LLaVA- or Qwen2.5-VL-shaped model: prefill and whole-generation latency, pruned against
+unpruned, beside the FLOPs-ideal ratio (the README's VLM figures).
 
-    python scripts/bench_vlm.py [--text-layers 16 --text-hidden 1024] [--new-tokens 32] [--rounds 3]
+    python scripts/bench_vlm.py [--family llava|qwen2.5-vl] [--text-layers 16 --text-hidden 1024]
+                                [--new-tokens 32] [--rounds 3]
 
 The model has random weights (latency does not depend on them): LLaVA-1.5's CLIP ViT-L/14-336
 tower and projector at full size (the shipped llava-1.5-7b config) and a Llama language model
@@ -17,6 +18,13 @@ Prefill = one forward of the prompt with a cache (tower, projector, language mod
 ratio counts multiply-accumulates: tower blocks up to the feature layer, projector, decoder layers
 (projections, MLP and attention over the tokens each layer holds), and for generation each decode
 step's layers over its cache. Writes bench_vlm.json and bench_vlm.md.
+
+--family qwen2.5-vl: Qwen2.5-VL-3B's tower and merger at full size (the shipped qwen2.5-vl-3b
+config: 32 blocks, windowed except 7/15/23/31) and a Qwen2 language model of --text-layers ×
+--text-hidden; one 448 × 448 image (32 × 32 patches, 256 merged tokens) with 35 text tokens
+before and 20 after. Modes: unpruned, ViT-only early50 (groups dropped after blocks 7 and 15),
+LLM-only and hybrid with span50. The tower's ideal counts patches (windowed attention within
+its 64-patch windows) and the merger. Writes bench_vlm_qwen.json and .md.
 """
 from __future__ import annotations
 
@@ -35,7 +43,8 @@ from saint_export import compat
 from saint_export.adapters import hf_vision
 
 compat.import_torchvision()
-from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
+from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,  # noqa: E402
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
 
 IMAGE_TOKEN, PAD = 32000, 32001
 BEFORE, AFTER = 35, 20  # text tokens around the image
@@ -53,11 +62,23 @@ def build(text_layers: int, text_hidden: int, seed: int = 0) -> LlavaForConditio
     return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, **shipped)).eval()
 
 
-def sharing_weights(base: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+def build_qwen(text_layers: int, text_hidden: int, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    shipped = dict(hf_vision.checkpoints()["qwen2.5-vl-3b"]["config"])
+    vision = dict(shipped.pop("vision_config"), out_hidden_size=text_hidden)
+    text = dict(shipped.pop("text_config"), hidden_size=text_hidden, num_hidden_layers=text_layers,
+                intermediate_size=int(text_hidden * 11008 / 2048), num_attention_heads=text_hidden // 128,
+                num_key_value_heads=max(1, text_hidden // 1024))
+    shipped.pop("model_type")
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=text,
+                                                               **shipped)).eval()
+
+
+def sharing_weights(base):
     """A second model on the same weight tensors (SAINT patches layers' classes and hooks, never
     weights), so that every mode fits in memory at once."""
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(base.config)
+        model = type(base)(base.config)
     model.load_state_dict(base.state_dict(), assign=True)
     buffers = dict(base.named_buffers())
     for name, buffer in model.named_buffers():  # non-persistent buffers (rotary tables) are not in the state dict
@@ -67,16 +88,29 @@ def sharing_weights(base: LlavaForConditionalGeneration) -> LlavaForConditionalG
     return model.eval()
 
 
-def modes(text_layers: int) -> dict[str, tuple[str, str | None]]:
+def modes(family: str, text_layers: int) -> dict[str, tuple[str, str | None]]:
     first, last = round(7 * text_layers / 32), round(16 * text_layers / 32)
     llm = f"span50@{first}-{last}"
+    if family == "qwen2.5-vl":
+        return {"unpruned": ("none", None), "ViT-only early50": ("early50", None), f"LLM-only {llm}": ("none", llm),
+                f"hybrid early50 + {llm}": ("early50", llm)}
     return {"unpruned": ("none", None), "ViT-only degree375@19 (released rule)": ("degree375@19", None),
             "ViT-only early50": ("early50", None), f"LLM-only {llm}": ("none", llm),
             f"hybrid degree375@19 + {llm}": ("degree375@19", llm)}
 
 
+def decoder_macs(text_config, image: list[int], text: int, new_tokens: int) -> tuple[float, float]:
+    """(prefill, decode) MACs of the decoder layers holding image[l] image tokens and `text` others."""
+    d, i = text_config.hidden_size, text_config.intermediate_size
+    kv = text_config.num_key_value_heads * (d // text_config.num_attention_heads)
+    per_token = 2 * d * d + 2 * d * kv + 3 * d * i  # q and o, k and v (grouped), the gated MLP
+    prefill = sum((n + text) * per_token + 2 * (n + text) ** 2 * d for n in image)
+    decode = sum(per_token + 2 * (n + text + step) * d for step in range(1, new_tokens) for n in image)
+    return prefill, decode
+
+
 def ideal_macs(model, keep: str, llm: str | None, prompt_len: int, new_tokens: int) -> tuple[float, float]:
-    """(prefill MACs, whole-generation MACs) of `model` under the two schedules."""
+    """(prefill MACs, whole-generation MACs) of the LLaVA `model` under the two schedules."""
     schedule = se.resolve_schedule(keep, model)
     tower = schedule.macs()
     c = model.config.vision_config.hidden_size
@@ -85,16 +119,58 @@ def ideal_macs(model, keep: str, llm: str | None, prompt_len: int, new_tokens: i
     projector = kept * (c * d + d * d)
     layers = model.config.text_config.num_hidden_layers
     image = se.resolve_llm_schedule(llm, model, schedule).counts()[:layers] if llm else [kept] * layers
-    text = prompt_len - original  # the prompt's other tokens
-    i = model.config.text_config.intermediate_size
-    per_token = 4 * d * d + 3 * d * i  # q, k, v, o and the gated MLP (as many key/value heads as query heads)
-    prefill = tower + projector + sum((n + text) * per_token + 2 * (n + text) ** 2 * d for n in image)
-    decode = sum(per_token + 2 * (n + text + step) * d for step in range(1, new_tokens) for n in image)
-    return prefill, prefill + decode
+    prefill, decode = decoder_macs(model.config.text_config, image, prompt_len - original, new_tokens)
+    return tower + projector + prefill, tower + projector + prefill + decode
+
+
+def qwen_ideal_macs(model, keep: str, llm: str | None, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+    """The same for Qwen2.5-VL, its tower counted in patches: each block's attention projections
+    and window (or full) attention on the patches it holds, its SwiGLU MLP on those it keeps, then
+    the merger on the kept groups."""
+    from saint_export.llm import LlmSchedule
+
+    vision = model.config.vision_config
+    schedule = se.resolve_schedule(keep, model)
+    counts = schedule.patch_counts()  # merge groups entering each pruning point, then after the last
+    c, i, window = vision.hidden_size, vision.intermediate_size, (vision.window_size // vision.patch_size) ** 2
+    tower, point = 0.0, 0
+    for block in range(vision.depth):
+        full = block in vision.fullatt_block_indexes
+        patches_in = 4 * counts[point]
+        patches_out = 4 * counts[point + 1] if full else patches_in
+        seen = patches_in if full else min(window, patches_in)
+        tower += 4 * patches_in * c * c + 2 * patches_in * seen * c + 3 * patches_out * c * i
+        point += full
+    kept = counts[-1]
+    merger = kept * (16 * c * c + 4 * c * vision.out_hidden_size)
+    layers = model.config.text_config.num_hidden_layers
+    image = LlmSchedule.parse(llm, layers, kept).counts()[:layers] if llm else [kept] * layers
+    prefill, decode = decoder_macs(model.config.text_config, image, prompt_len - schedule.num_patches, new_tokens)
+    return tower + merger + prefill, tower + merger + prefill + decode
+
+
+def llava_inputs():
+    ids = torch.tensor([[1] + [100 + t for t in range(BEFORE - 1)] + [IMAGE_TOKEN] * 576
+                        + [200 + t for t in range(AFTER)]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))}
+
+
+def qwen_inputs(model):
+    from saint_export.adapters.qwen_vl import patchify
+
+    config = model.config
+    image = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[100 + t for t in range(BEFORE - 1)] + [config.vision_start_token_id]
+                        + [config.image_token_id] * 256 + [config.vision_end_token_id]
+                        + [200 + t for t in range(AFTER - 1)]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": (ids == config.image_token_id).int(),
+            "pixel_values": patchify(image, config.vision_config)[0], "image_grid_thw": torch.tensor([[1, 32, 32]])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=("llava", "qwen2.5-vl"), default="llava")
     parser.add_argument("--text-layers", type=int, default=16)
     parser.add_argument("--text-hidden", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -103,13 +179,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    ids = torch.tensor([[1] + [100 + t for t in range(BEFORE - 1)] + [IMAGE_TOKEN] * 576
-                        + [200 + t for t in range(AFTER)]])
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "pixel_values": torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))}
+    qwen = args.family == "qwen2.5-vl"
+    base = (build_qwen if qwen else build)(args.text_layers, args.text_hidden)
+    inputs = qwen_inputs(base) if qwen else llava_inputs()
+    ids = inputs["input_ids"]
+    family_modes = modes(args.family, args.text_layers)
     models, calls = {}, {}
-    base = build(args.text_layers, args.text_hidden)
-    for name, (keep, llm) in modes(args.text_layers).items():
+    for name, (keep, llm) in family_modes.items():
         models[name] = se.apply(sharing_weights(base), keep, llm_schedule=llm)
         model = models[name]
         calls[(name, "prefill")] = lambda m=model: m(**inputs, use_cache=True, logits_to_keep=1)
@@ -127,9 +203,10 @@ def main() -> None:
     median = {key: statistics.median(s) for key, s in samples.items()}
 
     rows = []
-    base_macs = ideal_macs(models["unpruned"], "none", None, ids.shape[1], args.new_tokens)
-    for name, (keep, llm) in modes(args.text_layers).items():
-        macs = ideal_macs(models[name], keep, llm, ids.shape[1], args.new_tokens)
+    macs_of = qwen_ideal_macs if qwen else ideal_macs
+    base_macs = macs_of(models["unpruned"], "none", None, ids.shape[1], args.new_tokens)
+    for name, (keep, llm) in family_modes.items():
+        macs = macs_of(models[name], keep, llm, ids.shape[1], args.new_tokens)
         rows.append({"mode": name, "keep_schedule": keep, "llm_schedule": llm,
                      "prefill_s": median[(name, "prefill")], "generate_s": median[(name, "generate")],
                      "prefill_speedup": median[("unpruned", "prefill")] / median[(name, "prefill")],
@@ -139,17 +216,21 @@ def main() -> None:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                f"(eager fp32, {torch.get_num_threads()} threads)")
     params = sum(p.numel() for p in models["unpruned"].parameters()) / 1e6
-    header = (f"LLaVA-shaped random model: CLIP ViT-L/14-336 tower + Llama {args.text_layers} × {args.text_hidden} "
-              f"({params:.0f} M parameters), prompt {ids.shape[1]} tokens (576 image), {args.new_tokens} new tokens, "
-              f"batch 1; {machine}; medians of {args.rounds} interleaved rounds")
+    shape = ("Qwen2.5-VL-shaped random model: Qwen2.5-VL-3B's tower and merger + Qwen2 "
+             if qwen else "LLaVA-shaped random model: CLIP ViT-L/14-336 tower + Llama ")
+    image = "256 image, one 448 × 448 image" if qwen else "576 image"
+    header = (f"{shape}{args.text_layers} × {args.text_hidden} ({params:.0f} M parameters), prompt {ids.shape[1]} "
+              f"tokens ({image}), {args.new_tokens} new tokens, batch 1; {machine}; medians of {args.rounds} "
+              "interleaved rounds")
     lines = [header, "", "| mode | prefill s | speed-up | ideal | generate s | speed-up | ideal |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['mode']} | {r['prefill_s']:.2f} | {r['prefill_speedup']:.2f}x | {r['prefill_ideal']:.2f}x | "
               f"{r['generate_s']:.2f} | {r['generate_speedup']:.2f}x | {r['generate_ideal']:.2f}x |" for r in rows]
     print("\n".join(lines))
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "bench_vlm.md").write_text("\n".join(lines) + "\n")
-    (args.output / "bench_vlm.json").write_text(json.dumps({"setup": header, "rows": rows}, indent=1) + "\n")
+    stem = "bench_vlm_qwen" if qwen else "bench_vlm"
+    (args.output / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (args.output / f"{stem}.json").write_text(json.dumps({"setup": header, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,17 @@ two images whose sizes pick 3 and 5 crops, left-padded rows (docs/vlm.md)."""
 import numpy as np
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 import tiny_anyres as ta
 from reference_saint import saint_drop_reference
 
 import saint_export as se
 from saint_export import compat
 from saint_export.adapters import llava_anyres
+
+pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version(compat.VLM_FAMILIES_MIN),
+                                reason=f"the LLaVA-NeXT/OneVision adapter needs transformers ≥ {compat.VLM_FAMILIES_MIN}")
 
 
 @pytest.fixture(params=ta.FAMILIES)

@@ -1,8 +1,10 @@
-"""SAINT in Qwen2.5-VL (ViT-only, LLM-only, hybrid) on a tiny random config: batch 2 with two
-different image sizes, left-padded rows, M-RoPE positions (docs/vlm.md)."""
+"""SAINT in Qwen2.5-VL and Qwen3-VL (ViT-only, LLM-only, hybrid, export) on tiny random configs: batch
+2 with two different image sizes, left-padded rows, M-RoPE positions, DeepStack (docs/vlm.md)."""
 import numpy as np
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 import tiny_qwen as tq
 from reference_saint import saint_drop_reference
 
@@ -10,10 +12,8 @@ import saint_export as se
 from saint_export import compat
 from saint_export.adapters import qwen_vl
 
-pytestmark = pytest.mark.skipif(
-    __import__("packaging.version").version.Version(__import__("transformers").__version__)
-    < __import__("packaging.version").version.Version(compat.QWEN_MIN),
-    reason=f"the Qwen2.5-VL adapter needs transformers ≥ {compat.QWEN_MIN}")
+pytestmark = pytest.mark.skipif(Version(transformers.__version__) < Version(compat.VLM_FAMILIES_MIN),
+                                reason=f"the Qwen-VL adapter needs transformers ≥ {compat.VLM_FAMILIES_MIN}")
 
 
 @pytest.fixture(params=tq.FAMILIES)
@@ -464,3 +464,26 @@ def test_an_older_transformers_gets_one_line(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "5.16.0")
     with pytest.raises(se.InputError, match=r"^Qwen2.5-VL needs transformers ≥ 5.24.0, this environment has 5.16.0$"):
         qwen_vl.create("Qwen/Qwen2.5-VL-3B-Instruct", pretrained=False, img_size=None)
+
+
+def test_cli_exports_a_local_checkpoint_folder_in_hybrid_mode(family, tmp_path, capsys):
+    import json
+
+    from conftest import only_error_line, run
+
+    folder = tmp_path / "tiny"
+    tq.build(family).save_pretrained(folder)
+    code, out, err = run(capsys, str(folder), "--mode", "hybrid", "-s", "early50", "--llm-schedule", "span50@1-2",
+                         "--img-size", "112", "-o", str(tmp_path / "out"), "--batch", "1,3,4", "--parity-images", "4",
+                         "--target", "onnx")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["model"]["weights"]["source"] == "checkpoint folder"
+    record = manifest["features"]["llm_schedule"]
+    assert record["spec"] == "span50@1-2" and record["image_tokens"] is None  # resolved per prompt row
+    assert "image_positions" in out
+    code, out, err = run(capsys, str(folder), "-s", "early50", "--img-size", "100", "-o", str(tmp_path / "bad"),
+                         "--target", "onnx")
+    assert code == 2 and only_error_line(err) == ("saint-export: error: image size 100 is not a positive multiple of "
+                                                  f"the patch size 28 of {folder}")
+    assert not (tmp_path / "bad").exists()

@@ -71,6 +71,7 @@ def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn
     """The model with its language model on the meta device (no memory, no weights): exports need
     only the tower and the projector. Crops have the tower's fixed size."""
     config = hf_vision._config(source_name)
+    compat.require_transformers(compat.VLM_FAMILIES_MIN, _name(config))
     cls = _classes()[MODEL_TYPES.index(config.model_type)]
     if img_size not in (None, config.vision_config.image_size):
         raise InputError(f"image size {img_size}: {source_name}'s crops are {config.vision_config.image_size} px "
@@ -129,6 +130,7 @@ def patch(model: torch.nn.Module, droppers: dict) -> None:
                          "fixed K; use early<P> (e.g. early50) or r:<r0>,<r1>,…")
     if not isinstance(model, _classes()[:2]):
         raise unsupported(f"{type(model).__name__} with a pruned tower (pass the ForConditionalGeneration model)")
+    compat.require_transformers(compat.VLM_FAMILIES_MIN, _name(_config(model)))
     from ..vlm import install_input_fit
 
     model.saint_crop_tokens = tokens_per_crop(model, sum(state.schedule.drops))[1]

@@ -1,22 +1,28 @@
-"""Qwen2.5-VL (docs/vlm.md): SAINT in its windowed tower, and prompts that keep their M-RoPE positions.
+"""Qwen2.5-VL and Qwen3-VL (docs/vlm.md): SAINT in their towers, and prompts that keep their M-RoPE
+positions.
 
-The tower cuts each image into 14-px patches, embeds them, puts them into window order (groups
-of four, one 2×2 merge unit each), runs windowed blocks with full-attention blocks in between
-(`fullatt_block_indexes`), merges each group into one LLM token and restores raster order. The
-unit of pruning is the merge group: after the attention residual of a full-attention block the
-groups are scored with SAINT on the keys (before rotary embedding) averaged over heads and over
-the group's four patches; whole groups go, so later windows and merges stay intact. The keep
-schedule's blocks are the full-attention blocks (`early50` on 4 of them drops over the first 2).
+The tower cuts each image into patches (14 px; Qwen3-VL 16 px), embeds them and runs its blocks;
+the patch merger turns each 2 × 2 group into one LLM token. Qwen2.5-VL puts the tokens into
+window order (whole groups), attends within windows except at its full-attention blocks
+(`fullatt_block_indexes`) and restores raster order after merging; Qwen3-VL attends fully, adds
+learned positions, and its DeepStack mergers turn the output of a few blocks into features that
+its first decoder layers add at the image positions.
+
+The unit of pruning is the merge group: after the attention residual of a pruning point (a
+full-attention block of Qwen2.5-VL, any block of Qwen3-VL) the groups are scored with SAINT on the
+keys (before rotary embedding) averaged over heads and over the group's four patches; whole groups
+go, so windows and merges stay intact, and DeepStack features taken earlier lose the same groups.
+The keep schedule's blocks are the pruning points (`early50` on Qwen2.5-VL's 4 drops over the
+first 2).
 
 Resolution is dynamic: every image has its own grid, so the schedule is resolved per image
 (`early<P>` is a fraction of each image's tokens; `r:` counts must fit every image). The
-features of image i are its survivors in raster order, with their (t, h, w) positions on the
-merged grid; the LLM puts them where transformers' `get_rope_index` puts them unpruned.
+features of image i are its survivors in raster order, with their (t, h, w) on the merged grid.
 
 Prompts are written as usual (t·h·w/4 placeholders per image). Before the language model runs,
-the dropped images' placeholders are removed from the prompt, and the survivors and all text
-keep their unpruned M-RoPE positions; `rope_deltas` is set so that decoding continues right after
-them (see `fit_inputs`).
+the dropped placeholders are removed from the prompt, and the survivors and all text keep their
+unpruned M-RoPE positions; `rope_deltas` is set so that decoding continues right after them (see
+`fit_inputs`).
 """
 from __future__ import annotations
 
@@ -85,7 +91,7 @@ def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn
     """Qwen2.5-VL with its language model on the meta device (no memory, no weights): exports
     need only the tower and its merger. `img_size` is the square image exports are made for."""
     config = _config(source_name)
-    compat.require_transformers(compat.QWEN_MIN, _family(config))
+    compat.require_transformers(compat.VLM_FAMILIES_MIN, _family(config))
     cls = _classes()[MODEL_TYPES.index(config.model_type)]
     size = NOMINAL_SIZE if img_size is None else img_size
     unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
@@ -339,6 +345,7 @@ def patch(model: torch.nn.Module, droppers: dict) -> None:
         return  # nothing is dropped in the tower: the model stays as it is
     if not isinstance(model, _classes()[:2]):
         raise unsupported(f"{type(model).__name__} with a pruned tower (pass the ForConditionalGeneration model)")
+    compat.require_transformers(compat.VLM_FAMILIES_MIN, _family(model.config))
     from ..vlm import install_input_fit
 
     model.saint_tower = TowerPruner(compat.qwen_visual(model), next(iter(droppers.values())).state)
