@@ -259,15 +259,16 @@ def test_dynamic_llm_drops_are_capped_for_rows_with_fewer_image_tokens(family):
 
 
 @pytest.mark.parametrize("tower", ["none", "early50"], ids=["llm-only", "hybrid"])
-def test_generation_is_deterministic_and_caches_have_the_scheduled_lengths(family, tower):
+@pytest.mark.parametrize("rows", [1, 2])
+def test_generation_is_deterministic_and_caches_have_the_scheduled_lengths(family, tower, rows):
     from saint_export.llm import LlmSchedule
 
-    x = ta.inputs(family)
+    x = ta.inputs(family) if rows == 2 else row_alone(ta.inputs(family), 1)
     model = se.apply(ta.build(family), tower, llm_schedule="span50@1-2", llm_tau=0.5)
     first = generate(model, x, do_sample=False)
     assert torch.equal(first.sequences, generate(model, x, do_sample=False).sequences)
     full = [int(n) for n in (x["input_ids"] == ta.IMAGE).sum(1)]
-    per_row = full if tower == "none" else [3 * 32, 5 * 32]  # image tokens reaching the LLM
+    per_row = full if tower == "none" else [3 * 32, 5 * 32][2 - rows:]  # image tokens reaching the LLM
     prompt = [x["input_ids"].shape[1] - (n - k) for n, k in zip(full, per_row)]  # padding stays
     counts = [LlmSchedule.parse("span50@1-2", 4, n).counts() for n in per_row]
     steps = first.sequences.shape[1] - x["input_ids"].shape[1] - 1  # the last token is not cached
