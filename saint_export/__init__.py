@@ -17,6 +17,7 @@ _EXPORTS = {
     "ExportResult": "pipeline",
     "Progress": "pipeline",
     "evaluate": "evaluate", "evaluate_folder": "evaluate", "Evaluation": "evaluate",
+    "tune": "tuning", "TuneResult": "tuning", "Objective": "tuning",
     "SaintError": "errors", "InputError": "errors", "BackendError": "errors", "GateFailed": "errors",
     "Manifest": "manifest",
     "TAU": "spec", "VOTE_K": "spec", "GAMMA": "spec", "LLM_TAU": "spec",

@@ -23,7 +23,7 @@ from .config import DEFAULT_OPSET, PRECISIONS, TARGETS
 from .errors import BackendError, GateFailed, InputError
 
 EXIT_OK, EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-COMMANDS = ("export", "calibrate", "check", "infer", "eval", "triton", "serve", "vllm")
+COMMANDS = ("export", "calibrate", "check", "infer", "eval", "tune", "triton", "serve", "vllm")
 MODES = ("vit", "llm", "hybrid")
 
 
@@ -119,6 +119,27 @@ def _parser() -> argparse.ArgumentParser:
                    "engines/<model>-eval)")
     p.add_argument("--allow-unverified", action="store_true", help="evaluate a folder that did not pass its gate")
 
+    p = sub.add_parser("tune", help="search the fastest static schedule that meets an objective on your images, "
+                                    "and certify the front on held-out images")
+    p.add_argument("model")
+    _model_arguments(p)
+    p.add_argument("--images", type=Path, nargs="+", required=True,
+                   help="image files, flat folders or ImageFolder trees (class subfolders: accuracy too)")
+    p.add_argument("--objective", required=True, help="speedup>=X | latency-ms<=X | disagreement<=P%% | "
+                   "accuracy-drop<=P%% (disagreement and accuracy drop: upper confidence bounds on held-out images)")
+    p.add_argument("--backend", default="onnxruntime-cpu", help="onnxruntime-cpu (default) | eager")
+    p.add_argument("--batch", type=int, default=8, help="images per inference, for latency (default 8)")
+    p.add_argument("--budget-minutes", type=float, help="stop the search after this long (default: walk the "
+                   "whole path)")
+    p.add_argument("--holdout", type=float, default=0.3, help="share of images held out for certification")
+    p.add_argument("--seed", type=int, default=0, help="the tune / held-out split's seed")
+    p.add_argument("--probe", type=int, default=64, help="tune images the search scores on (default 64)")
+    p.add_argument("--step", type=int, default=8, help="tokens added per search step (default 8)")
+    p.add_argument("--finalists", type=int, default=8, help="front points exported and measured (default 8)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="folder for front.json, front.png, sensitivity.png, schedule.txt and journal.jsonl "
+                        "(a rerun resumes from its journal)")
+
     p = sub.add_parser("check", help="check that an exported engine folder matches this machine")
     p.add_argument("folder", type=Path)
     p.add_argument("--plugin-lib", type=Path, help="the plugin library you will load with the engine")
@@ -199,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         return {"export": export, "calibrate": calibrate, "check": check, "infer": infer,
-                "eval": evaluate, "triton": triton, "serve": serve, "vllm": vllm}[args.command](args)
+                "eval": evaluate, "tune": tune, "triton": triton, "serve": serve, "vllm": vllm}[args.command](args)
     except KeyboardInterrupt:
         _err("saint-export: interrupted; nothing was written")
         return EXIT_INTERRUPTED
@@ -218,6 +239,32 @@ def main(argv: list[str] | None = None) -> int:
         _err(f"saint-export: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
              "(rerun with --debug for the traceback)")
         return EXIT_BACKEND
+
+
+def tune(args) -> int:
+    import saint_export as se
+    from saint_export.tuning import EXIT_NOT_MET
+
+    try:
+        result = se.tune(args.model, args.images, args.objective, weights=args.weights, backend=args.backend,
+                         batch=args.batch, budget_minutes=args.budget_minutes, holdout=args.holdout, seed=args.seed,
+                         probe=args.probe, step=args.step, finalists=args.finalists, output=args.output,
+                         tau=args.tau, K=args.K, gamma=args.gamma, progress=TqdmProgress())
+    except KeyboardInterrupt:
+        _err(f"saint-export: interrupted; the same command resumes from {args.output / 'journal.jsonl'}")
+        return EXIT_INTERRUPTED
+    print(result.table())
+    print(f"latency model: measured = {result.latency_fit['a']:.3f} × block sum + {result.latency_fit['b']:.2f} ms; "
+          f"{result.images['tune']} tune images ({result.images['probe']} probed), {result.images['held_out']} "
+          f"held out; {result.seconds:.0f} s")
+    print("wrote " + ", ".join(str(p) for p in result.files))
+    weights = f" --weights {args.weights}" if args.weights else ""
+    if not result.met:
+        _err(f"saint-export: no schedule meets {result.objective.text} on the held-out images; the closest is "
+             f"{result.closest.spec} (front.json has the whole front)")
+        return EXIT_NOT_MET
+    print(f"export it: {result.command(args.model)}{weights}")
+    return EXIT_OK
 
 
 def export(args) -> int:

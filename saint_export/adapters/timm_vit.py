@@ -182,9 +182,25 @@ class SaintBlock(Block):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         if attn_mask is not None or is_causal:
             raise InputError("SAINT pruning blocks do not support attention masks")
-        attended, keys = compat.timm_attention_with_keys(self.attn, self.norm1(x))
-        x = x + self.drop_path1(self.ls1(attended))
-        keep_index = self.saint_dropper(keys)
-        if keep_index is not None:
-            x = gather_tokens(x, keep_index)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return block_forward(self, x, self.saint_dropper)
+
+
+def block_forward(block: Block, x: torch.Tensor, select) -> torch.Tensor:
+    """A timm Block's forward with `select(keys)` → kept token indices (or None: all) between the
+    attention residual and the MLP. `tune` runs unpatched blocks through it, one at a time."""
+    attended, keys = compat.timm_attention_with_keys(block.attn, block.norm1(x))
+    x = x + block.drop_path1(block.ls1(attended))
+    keep_index = select(keys)
+    if keep_index is not None:
+        x = gather_tokens(x, keep_index)
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def stem(model: VisionTransformer, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The tokens entering the first block (timm's forward_features up to the blocks)."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(pixel_values))))
+
+
+def head(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The logits from the last block's tokens."""
+    return model.forward_head(model.norm(x))

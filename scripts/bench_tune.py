@@ -1,0 +1,114 @@
+"""`saint-export tune` on vit_b16 (the README's tuning figures): the tuned front against the early<P>
+families, predicted against measured latency, and the chosen schedule re-measured on its own.
+
+    python scripts/bench_tune.py [--model vit_b16] [--images 256] [--objective speedup>=2]
+                                 [--probe 32] [--step 16] [--output bench/tune]
+
+Random weights (no hub); the images are generated (flat 16-px regions with noise, seeded), so the
+figures measure the search and the latency model, not accuracy on photographs. The tune runs on
+ONNX Runtime CPU at batch 8. Afterwards the chosen schedule and the unpruned model are exported
+again and timed side by side (interleaved rounds, medians, as scripts/bench.py does), which is
+the "separate run" that checks the chosen speed-up. Writes the tune folder (front.json,
+front.png, sensitivity.png, schedule.txt, journal.jsonl) and bench_tune.md into --output.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import saint_export as se
+from saint_export.models import architecture, load
+from saint_export.runtime.runners import OrtRunner
+
+
+def generate_images(folder: Path, count: int, size: int = 224, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        cells = rng.integers(2, 8)
+        image = np.kron(rng.random((cells, cells, 3)), np.ones((size // cells + 1, size // cells + 1, 1)))[:size, :size]
+        image = image + 0.05 * rng.standard_normal((size, size, 3))
+        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def side_by_side(model, schedules: list[str], batch: int, img_size: int, rounds: int = 9) -> dict[str, float]:
+    """Median ms per batch of each schedule's exported graph on ONNX Runtime CPU, interleaved."""
+    runners = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, schedule in enumerate(schedules):
+            folder = se.export(copy.deepcopy(model), Path(tmp) / f"f{i}", se.ExportConfig(
+                keep_schedule=schedule, target="onnx", verify=False, batch=(1, batch, batch))).folder
+            manifest = se.Manifest.read(folder)
+            runners[schedule] = OrtRunner(folder / manifest.onnx["file"], manifest.input, manifest.output, batch, "cpu")
+        x = np.random.default_rng(1).standard_normal((batch, 3, img_size, img_size)).astype(np.float32)
+        times = {s: [] for s in schedules}
+        for runner in runners.values():
+            runner.infer(x)
+        for _ in range(rounds):
+            for schedule, runner in runners.items():
+                t0 = time.perf_counter()
+                runner.infer(x)
+                times[schedule].append(1000 * (time.perf_counter() - t0))
+    return {s: statistics.median(t) for s, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_b16")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--objective", default="speedup>=2")
+    parser.add_argument("--probe", type=int, default=32)
+    parser.add_argument("--step", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--output", type=Path, default=Path("bench/tune"))
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    arch = architecture(args.model)
+    images = generate_images(args.output / "images", args.images, arch.info.img_size)
+    t0 = time.perf_counter()
+    result = se.tune(args.model, images, args.objective, weights="random", backend="onnxruntime-cpu",
+                     batch=args.batch, probe=args.probe, step=args.step, output=args.output)
+    seconds = time.perf_counter() - t0
+    print(result.table())
+    model = load(arch, "random")
+    chosen = result.closest.spec
+    again = side_by_side(model, ["none", chosen], args.batch, arch.info.img_size)
+    measured = [p for p in result.front]
+    errors = [abs(p.predicted_ms - p.measured_ms) / p.measured_ms for p in measured]
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"onnxruntime {__import__('onnxruntime').__version__}")
+    lines = [f"{args.model}, random weights, {args.images} generated images ({result.images['tune']} tune, "
+             f"{result.images['probe']} probed, {result.images['held_out']} held out), objective {args.objective}, "
+             f"ONNX Runtime CPU batch {args.batch}; {machine}; search and certification {seconds / 60:.1f} min", "",
+             "| schedule | source | measured speed-up | predicted ms | measured ms | held-out KL | agreement | "
+             "agreement (95% lower) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    saved = __import__("json").loads((args.output / "front.json").read_text())
+    by_spec = {p["spec"]: p for p in saved["measured"]}
+    for p in sorted(by_spec.values(), key=lambda p: p["measured_ms"]):
+        on_front = any(q.spec == p["spec"] for q in result.front)
+        lines.append(f"| `{p['spec']}`{' (front)' if on_front else ''}{' ← chosen' if p['spec'] == chosen else ''} | "
+                     f"{p['source']} | {p['speedup']:.2f}x | {p['predicted_ms']:.1f} | {p['measured_ms']:.1f} | "
+                     f"{p['kl']:.4f} | {p['agreement']:.1%} | {p['agreement_interval'][0]:.1%} |")
+    lines += ["", f"Latency model: measured = {result.latency_fit['a']:.3f} × block sum + {result.latency_fit['b']:.2f} ms; "
+              f"prediction error on the front: median {statistics.median(errors):.1%}, max {max(errors):.1%}.",
+              f"Chosen `{chosen}` re-measured side by side: {again['none']:.1f} ms unpruned, {again[chosen]:.1f} ms "
+              f"pruned, {again['none'] / again[chosen]:.2f}x."]
+    text = "\n".join(lines)
+    print(text)
+    (args.output / "bench_tune.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
