@@ -16,9 +16,11 @@
 4. **Certification** (held-out part): top-1 agreement with its Wilson interval, KL, logit cosine,
    accuracy with labels. The saved front is the non-dominated set of the finalists on measured
    latency and held-out KL. For `speedup>=` and `latency-ms<=` the chosen schedule is the one with
-   the lowest held-out KL among those that meet the measured goal; for `disagreement<=` and
-   `accuracy-drop<=` it is the fastest whose upper bound of disagreement meets it (that bound also
-   bounds the accuracy drop). When none does, `TuneResult.met` is False and `closest` is reported.
+   the lowest held-out KL among those that meet the goal on their timings' quartiles (the
+   unpruned model's lower quartile over its upper one, or its upper quartile of latency); for
+   `disagreement<=` and `accuracy-drop<=` it is the fastest whose upper bound of disagreement meets
+   it (that bound also bounds the accuracy drop). When none does, `TuneResult.met` is False and
+   `closest` is reported.
 
 Every evaluation and measurement is appended to `journal.jsonl` in the output folder; a run
 restarted with the same arguments reads it back and repeats none of them (an interrupted run
@@ -86,8 +88,10 @@ class FrontPoint:
     flops_ratio: float
     kl_tune: float  # on the probe images
     predicted_ms: float | None = None
-    measured_ms: float | None = None
-    speedup: float | None = None  # measured, against the unpruned model's measurement
+    measured_ms: float | None = None  # the median of its interleaved timings
+    speedup: float | None = None  # medians: the unpruned model's over this one's
+    speedup_low: float | None = None  # the unpruned model's lower quartile over this one's upper quartile
+    slow_ms: float | None = None  # the upper quartile of its timings
     kl: float | None = None  # held-out
     agreement: float | None = None
     agreement_interval: tuple | None = None  # Wilson, CONFIDENCE
@@ -114,12 +118,12 @@ class TuneResult:
         return f"saint-export {model} --keep-schedule {self.closest.spec}"
 
     def table(self) -> str:
-        lines = [f"{'schedule':<34} {'source':<10} {'speed-up':>8} {'pred ms':>8} {'meas ms':>8} {'KL':>8} "
-                 f"{'agree':>7} {'agree ≥':>7}"]
+        lines = [f"{'schedule':<34} {'source':<10} {'speed-up':>8} {'≥':>6} {'pred ms':>8} {'meas ms':>8} "
+                 f"{'KL':>8} {'agree':>7} {'agree ≥':>7}"]
         for p in self.front:
             low = p.agreement_interval[0] if p.agreement_interval else float("nan")
             spec_text = p.spec if len(p.spec) <= 33 else p.spec[:30] + "…"
-            lines.append(f"{spec_text:<34} {p.source:<10} {p.speedup:>7.2f}x {p.predicted_ms:>8.2f} "
+            lines.append(f"{spec_text:<34} {p.source:<10} {p.speedup:>7.2f}x {p.speedup_low:>5.2f}x {p.predicted_ms:>8.2f} "
                          f"{p.measured_ms:>8.2f} {p.kl:>8.4f} {p.agreement:>7.1%} {low:>7.1%}"
                          + ("  ← chosen" if p.selected else ""))
         return "\n".join(lines)
@@ -241,7 +245,9 @@ class LatencyModel:
         """Least squares of the whole-model measurements {drops tuple: ms} on the block sums."""
         x = np.array([self.blocks_ms(d) for d in measured])
         y = np.array(list(measured.values()))
-        self.a, self.b = np.polyfit(x, y, 1) if len(set(x.round(6))) > 1 else (float(y.mean() / x.mean()), 0.0)
+        # Weighted by 1/y: the relative error is what matters, and the fastest schedules have least slack.
+        self.a, self.b = (np.polyfit(x, y, 1, w=1 / y) if len(set(x.round(6))) > 1
+                          else (float(y.mean() / x.mean()), 0.0))
         return {"a": float(self.a), "b": float(self.b)}
 
     def predict(self, drops) -> float:
@@ -347,8 +353,11 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
         picks.insert(0, candidates[_r([0] * info.depth)])
 
     # 3. latency: the block curve, whole-model measurements, the fit
-    latency, measured = _measure(base, info, unpruned, picks, backend, batch, rounds, journal, progress, tau, K, gamma)
+    latency, timings = _measure(base, info, unpruned, picks, backend, batch, rounds, journal, progress, tau, K, gamma)
+    measured = {key: statistics.median(samples) for key, samples in timings.items()}
     fit = latency.fit({tuple(p[1]): measured[_r(p[1])] for p in picks})
+    quartiles = {key: np.percentile(samples, [25, 75]) for key, samples in timings.items()}
+    unpruned_key = _r([0] * info.depth)
 
     # 4. certification on the held-out images
     points = []
@@ -361,7 +370,9 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
             points.append(FrontPoint(
                 spec=_r(drops), source=source, drops=list(drops), flops_ratio=schedule.macs() / macs_full,
                 kl_tune=kl, predicted_ms=latency.predict(drops), measured_ms=measured[_r(drops)],
-                speedup=measured[_r([0] * info.depth)] / measured[_r(drops)], **metrics))
+                speedup=measured[unpruned_key] / measured[_r(drops)],
+                speedup_low=float(quartiles[unpruned_key][0] / quartiles[_r(drops)][1]),
+                slow_ms=float(quartiles[_r(drops)][1]), **metrics))
             advance(i + 1)
     saved = _non_dominated(points)
     chosen, closest = _choose(saved, goal)
@@ -425,8 +436,8 @@ def _spread(front: list, count: int) -> list:
 
 
 def _measure(base, info, unpruned, picks, backend, batch, rounds, journal, progress, tau, K, gamma):
-    """The block curve and every pick's whole-model latency (ms per batch of `batch`), medians of
-    interleaved rounds."""
+    """The block curve and every pick's whole-model timings (ms per batch of `batch`, 3 × `rounds`
+    interleaved rounds, sorted)."""
     from .manifest import Manifest
     from .pipeline import export
     from .runtime.runners import OrtRunner
@@ -437,7 +448,7 @@ def _measure(base, info, unpruned, picks, backend, batch, rounds, journal, progr
     with progress.step("latency", f"one block's latency on {backend} at {len(grid)} token counts"):
         block_ms = journal.get("block curve", lambda: _block_curve(base, grid, width, backend, batch, rounds))
     latency = LatencyModel(grid, block_ms, unpruned)
-    missing = [p for p in picks if "measured " + _r(p[1]) not in journal.entries]
+    missing = [p for p in picks if "timings " + _r(p[1]) not in journal.entries]
     runners = {}
     with tempfile.TemporaryDirectory() as tmp, progress.step(
             "measure", f"exporting and timing {len(missing)} schedules on {backend}", total=len(missing)) as advance:
@@ -467,8 +478,8 @@ def _measure(base, info, unpruned, picks, backend, batch, rounds, journal, progr
                     fn(x)
                     times[key].append(1000 * (time.perf_counter() - t0))
         for key, samples in times.items():
-            journal.get("measured " + key, lambda s=samples: statistics.median(s))
-    return latency, {_r(p[1]): journal.entries["measured " + _r(p[1])] for p in picks}
+            journal.get("timings " + key, lambda s=samples: sorted(s))
+    return latency, {_r(p[1]): journal.entries["timings " + _r(p[1])] for p in picks}
 
 
 def _block_curve(model, grid, width, backend, batch, rounds) -> list[float]:
@@ -532,7 +543,10 @@ def _non_dominated(points: list) -> list:
 def _choose(front: list, goal: Objective):
     """(the chosen point or None, the point to report when none meets the goal)."""
     if goal.kind in ("speedup", "latency-ms"):
-        meets = [p for p in front if (p.speedup >= goal.limit if goal.kind == "speedup" else p.measured_ms <= goal.limit)]
+        # On the timings' quartiles, not their medians: a schedule that meets the goal only by the
+        # luck of one run's noise is not chosen.
+        meets = [p for p in front if (p.speedup_low >= goal.limit if goal.kind == "speedup"
+                                      else p.slow_ms <= goal.limit)]
         chosen = min(meets, key=lambda p: p.kl) if meets else None
         closest = chosen or (max(front, key=lambda p: p.speedup) if goal.kind == "speedup"
                              else min(front, key=lambda p: p.measured_ms))
