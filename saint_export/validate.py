@@ -83,7 +83,7 @@ class ParityReport:
     # block → {"compared", "order_equal" (exact), "near_tie", "set_equal", "votes_equal"}
     blocks: dict = field(default_factory=dict)
     near_ties: list = field(default_factory=list)  # (image, batch size, block, relative score gap)
-    # Integer outputs beside the features (Qwen's image_positions), teacher-forced: name → {"compared", "equal"}
+    # Outputs beside the main one (positions: equal; DeepStack features: close), teacher-forced: name → counts
     extra_outputs: dict = field(default_factory=dict)
     eager_seconds: float = 0.0
     onnxruntime_seconds: float = 0.0
