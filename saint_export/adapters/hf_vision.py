@@ -49,24 +49,47 @@ def checkpoints() -> dict[str, dict]:
 MODEL_TYPES = ("llava", "clip", "clip_vision_model", "siglip", "siglip_vision_model")
 
 
+def checkpoints_of(model_types) -> dict[str, dict]:
+    """The aliases of some model types (the file lists every transformers adapter's)."""
+    return {alias: e for alias, e in checkpoints().items() if e["config"]["model_type"] in model_types}
+
+
+def resolve_name_of(name: str, model_types) -> str | None:
+    """An alias or hub id of `model_types` → the hub id; a checkpoint folder whose config is one
+    of them → itself (`model_types` None: any folder with a config)."""
+    own = checkpoints_of(model_types if model_types is not None else MODEL_TYPES)
+    if name in own:
+        return own[name]["repo"]
+    if any(entry["repo"] == name for entry in own.values()):
+        return name
+    config = Path(name) / "config.json"
+    if not config.is_file():
+        return None
+    if model_types is None:
+        return name
+    try:
+        return name if json.loads(config.read_text()).get("model_type") in model_types else None
+    except ValueError:
+        return None
+
+
+def known_names_of(model_types) -> list[str]:
+    own = checkpoints_of(model_types)
+    return [*own, *(entry["repo"] for entry in own.values())]
+
+
 def _own_checkpoints() -> dict[str, dict]:
-    """The aliases of this adapter's model types (the file also lists other families')."""
-    return {alias: e for alias, e in checkpoints().items() if e["config"]["model_type"] in MODEL_TYPES}
+    return checkpoints_of(MODEL_TYPES)
 
 
 def resolve_name(name: str) -> str | None:
-    """An alias → its hub id; a known hub id or a local checkpoint folder → itself."""
-    own = _own_checkpoints()
-    if name in own:
-        return own[name]["repo"]
-    if any(entry["repo"] == name for entry in own.values()) or (Path(name) / "config.json").is_file():
-        return name
-    return None
+    """An alias → its hub id; a known hub id or a local checkpoint folder → itself (the other
+    transformers adapters are asked first and claim their own model types' folders)."""
+    return resolve_name_of(name, None)
 
 
 def known_names() -> list[str]:
-    own = _own_checkpoints()
-    return [*own, *(entry["repo"] for entry in own.values())]
+    return known_names_of(MODEL_TYPES)
 
 
 def _config(source_name: str):

@@ -19,7 +19,6 @@ language models are 1-D, so each image's run of placeholders is cut to its first
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import torch
@@ -49,22 +48,11 @@ def _name(config) -> str:
 
 
 def resolve_name(name: str) -> str | None:
-    for alias, entry in hf_vision.checkpoints().items():
-        if entry["config"]["model_type"] in MODEL_TYPES and name in (alias, entry["repo"]):
-            return entry["repo"]
-    config = Path(name) / "config.json"
-    if config.is_file():
-        try:
-            if json.loads(config.read_text()).get("model_type") in MODEL_TYPES:
-                return name
-        except ValueError:
-            return None
-    return None
+    return hf_vision.resolve_name_of(name, MODEL_TYPES)
 
 
 def known_names() -> list[str]:
-    entries = [(a, e) for a, e in hf_vision.checkpoints().items() if e["config"]["model_type"] in MODEL_TYPES]
-    return [name for alias, e in entries for name in (alias, e["repo"])]
+    return hf_vision.known_names_of(MODEL_TYPES)
 
 
 def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn.Module:

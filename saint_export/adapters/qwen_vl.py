@@ -27,7 +27,6 @@ unpruned M-RoPE positions; `rope_deltas` is set so that decoding continues right
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,7 +38,8 @@ from ..errors import InputError
 from ..images import Preprocess
 from ..schedule import KeepSchedule, ScheduleError
 from . import ModelInfo, unsupported
-from .hf_vision import CLIP_MEAN, CLIP_STD, _config, checkpoints
+from . import hf_vision
+from .hf_vision import CLIP_MEAN, CLIP_STD, _config
 
 family = "transformers"
 INPUT_NAME = "pixel_values"
@@ -69,22 +69,11 @@ def output_names(model: torch.nn.Module) -> tuple[str, ...]:
 
 
 def resolve_name(name: str) -> str | None:
-    for alias, entry in checkpoints().items():
-        if entry["config"]["model_type"] in MODEL_TYPES and name in (alias, entry["repo"]):
-            return entry["repo"]
-    config = Path(name) / "config.json"
-    if config.is_file():
-        try:
-            if json.loads(config.read_text()).get("model_type") in MODEL_TYPES:
-                return name
-        except ValueError:
-            return None
-    return None
+    return hf_vision.resolve_name_of(name, MODEL_TYPES)
 
 
 def known_names() -> list[str]:
-    entries = [(alias, e) for alias, e in checkpoints().items() if e["config"]["model_type"] in MODEL_TYPES]
-    return [name for alias, e in entries for name in (alias, e["repo"])]
+    return hf_vision.known_names_of(MODEL_TYPES)
 
 
 def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn.Module:
