@@ -122,12 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="search the fastest static schedule that meets an objective on your images, "
                                     "and certify the front on held-out images")
     p.add_argument("model")
-    _model_arguments(p)
+    _model_arguments(p, searched=True)
     p.add_argument("--images", type=Path, nargs="+", required=True,
                    help="image files, flat folders or ImageFolder trees (class subfolders: accuracy too)")
     p.add_argument("--objective", required=True, help="speedup>=X | latency-ms<=X | disagreement<=P%% | "
-                   "accuracy-drop<=P%% (disagreement and accuracy drop: upper confidence bounds on held-out images)")
-    p.add_argument("--backend", default="onnxruntime-cpu", help="onnxruntime-cpu (default) | eager")
+                   "accuracy-drop<=P%% | cosine>=X (disagreement and accuracy drop: upper confidence bounds on "
+                   "held-out images, cosine a lower one; a tower takes speed, latency and cosine)")
+    p.add_argument("--backend", default="onnxruntime-cpu", help="onnxruntime-cpu (default) | onnxruntime-cuda | eager")
     p.add_argument("--batch", type=int, default=8, help="images per inference, for latency (default 8)")
     p.add_argument("--budget-minutes", type=float, help="stop the search after this long (default: walk the "
                    "whole path)")
@@ -197,14 +198,18 @@ def _served_model_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"dynamic batching: longest wait for a fuller batch (default {DEFAULT_QUEUE_DELAY_US} µs)")
 
 
-def _model_arguments(p: argparse.ArgumentParser) -> None:
+def _model_arguments(p: argparse.ArgumentParser, searched: bool = False) -> None:
+    """The model's arguments; with `searched` (tune) τ and γ default to None: searched."""
     p.add_argument("--weights", default="pretrained",
                    help="pretrained (needs the model hub) | random (seeded) | <checkpoint file> (default pretrained)")
     p.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
-    p.add_argument("--tau", type=float, default=spec.TAU, help=f"similarity threshold τ (default {spec.TAU})")
+    default = "searched around {:g}" if searched else "default {:g}"
+    p.add_argument("--tau", type=float, default=None if searched else spec.TAU,
+                   help=f"similarity threshold τ ({default.format(spec.TAU)})")
     p.add_argument("--K", type=int, default=spec.VOTE_K,
                    help=f"votes that make a row redundant (the operator's vote_k; default {spec.VOTE_K})")
-    p.add_argument("--gamma", type=float, default=spec.GAMMA, help=f"score sharpness γ (default {spec.GAMMA:g})")
+    p.add_argument("--gamma", type=float, default=None if searched else spec.GAMMA,
+                   help=f"score sharpness γ ({default.format(spec.GAMMA)})")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
 
 
@@ -256,7 +261,7 @@ def tune(args) -> int:
     print(result.table())
     print(f"latency model: measured = {result.latency_fit['a']:.3f} × block sum + {result.latency_fit['b']:.2f} ms; "
           f"{result.images['tune']} tune images ({result.images['probe']} probed), {result.images['held_out']} "
-          f"held out; {result.seconds:.0f} s")
+          f"held out; τ {result.tau:g}, γ {result.gamma:g}; {result.seconds:.0f} s")
     print("wrote " + ", ".join(str(p) for p in result.files))
     weights = f" --weights {args.weights}" if args.weights else ""
     if not result.met:

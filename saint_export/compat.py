@@ -173,6 +173,18 @@ def tower_stem(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [inner.embeddings, *([inner.pre_layrnorm] if hasattr(inner, "pre_layrnorm") else [])]
 
 
+def tower_head(model: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """What a tower's forward makes of its last encoder layer's output, as `ImageFeatures` takes it
+    (5.16–5.24): CLIPVisionModelWithProjection's image_embeds (the CLS token post-layernormed and
+    projected), SigLIP's last_hidden_state (post-layernormed), CLIP's last_hidden_state (as is)."""
+    inner = vision_transformer(model)
+    if hasattr(model, "visual_projection"):
+        return model.visual_projection(inner.post_layernorm(hidden_states[:, 0]))
+    if not hasattr(inner, "pre_layrnorm"):  # SigLIP
+        return inner.post_layernorm(hidden_states)
+    return hidden_states
+
+
 def key_projection(layer: torch.nn.Module) -> torch.nn.Module:
     """An encoder layer's key projection (its output: [B, N, heads · d])."""
     return layer.self_attn.k_proj

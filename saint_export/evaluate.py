@@ -146,10 +146,11 @@ def _base_model(model, weights, img_size):
     return model.eval(), type(model).__name__
 
 
-def _images(model, sources) -> tuple[Images, np.ndarray | None]:
+def _images(model, sources, labels: bool = True) -> tuple[Images, np.ndarray | None]:
+    """The images and, from class folders (unless `labels` is False), the head's class indices."""
     adapter = find_adapter(model)
     data = load_images([sources] if isinstance(sources, (str, Path)) else sources, adapter.preprocess(model))
-    if not data.labelled:
+    if not data.labelled or not labels:
         return data, None
     index = adapter.class_indices(model, data.classes)
     return data, np.array([index[c] for c in data.classes])

@@ -85,8 +85,6 @@ def main() -> None:
     model = load(arch, "random")
     chosen = result.closest.spec
     again = side_by_side(model, ["none", chosen], args.batch, arch.info.img_size)
-    measured = [p for p in result.front]
-    errors = [abs(p.predicted_ms - p.measured_ms) / p.measured_ms for p in measured]
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"onnxruntime {__import__('onnxruntime').__version__}")
     lines = [f"{args.model}, random weights, {args.images} generated images ({result.images['tune']} tune, "
@@ -96,14 +94,19 @@ def main() -> None:
              "agreement | agreement (95% lower) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     saved = __import__("json").loads((args.output / "front.json").read_text())
     by_spec = {p["spec"]: p for p in saved["measured"]}
+    # every finalist (each measured schedule), not only the front's
+    errors = [abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"] for p in by_spec.values()]
     for p in sorted(by_spec.values(), key=lambda p: p["measured_ms"]):
         on_front = any(q.spec == p["spec"] for q in result.front)
         lines.append(f"| `{p['spec']}`{' (front)' if on_front else ''}{' ← chosen' if p['spec'] == chosen else ''} | "
                      f"{p['source']} | {p['speedup']:.2f}x | {p['speedup_low']:.2f}x | {p['predicted_ms']:.1f} | "
                      f"{p['measured_ms']:.1f} | "
                      f"{p['kl']:.4f} | {p['agreement']:.1%} | {p['agreement_interval'][0]:.1%} |")
-    lines += ["", f"Latency model: measured = {result.latency_fit['a']:.3f} × block sum + {result.latency_fit['b']:.2f} ms; "
-              f"prediction error on the front: median {statistics.median(errors):.1%}, max {max(errors):.1%}.",
+    lines += ["", f"τ {result.tau:g}, γ {result.gamma:g} (searched at early50); export: `{result.command(args.model)} "
+              "--weights random`",
+              f"Latency model: measured = {result.latency_fit['a']:.3f} × block sum + {result.latency_fit['b']:.2f} ms; "
+              f"prediction error over the {len(errors)} finalists: median {statistics.median(errors):.1%}, "
+              f"max {max(errors):.1%}.",
               f"Chosen `{chosen}` re-measured side by side: {again['none']:.1f} ms unpruned, {again[chosen]:.1f} ms "
               f"pruned, {again['none'] / again[chosen]:.2f}x."]
     text = "\n".join(lines)

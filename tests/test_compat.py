@@ -21,7 +21,7 @@ TRANSFORMERS_INTERNALS = [
     r"\btransformers\.(?!(?:AutoConfig|AutoModel)\b)\w+",  # any submodule import: transformers.masking_utils, …
     r"\bpast_key_values\b", r"\bcache_utils\b", r"\bmasking_utils\b", r"\bcreate_causal_mask\b", r"\bmodeling_\w+",
     r"\.layers\[", r"\.keys\.shape", r"\bget_seq_length\b", r"\blayer_idx\b", r"\bself_attn\b", r"\bk_proj\b",
-    r"\blayer_norm[12]\b", r"\bpre_layrnorm\b", r"\bvision_tower\b", r"\bmulti_modal_projector\b",
+    r"\blayer_norm[12]\b", r"\bpre_layrnorm\b", r"\bpost_layernorm\b", r"\bvision_tower\b", r"\bmulti_modal_projector\b",
     r"\blanguage_model\b", r"\blm_head\b", r"\bvision_model\b", r"\bencoder\.layers\b", r"\bnum_heads\b",
     r"\brotary_emb\b", r"\bapply_rotary_pos_emb\b", r"\bget_image_features\b",
     # Qwen2.5-VL's tower and M-RoPE bookkeeping

@@ -8,7 +8,8 @@ from PIL import Image
 from conftest import make_model, only_error_line, run
 
 import saint_export as se
-from saint_export import tuning
+from saint_export import spec, tuning
+from saint_export.adapters import find_adapter
 
 QUICK = dict(backend="eager", probe=16, finalists=4, rounds=1, batch=8)
 
@@ -39,8 +40,18 @@ def test_objectives_parse_and_bad_inputs_get_one_line(images, tmp_path):
                          ("disagreement<=150%", r"must be within \[0, 100\)%")]:
         with pytest.raises(se.InputError, match=message):
             tuning.Objective.parse(bad)
-    with pytest.raises(se.InputError, match="TensorRT and ONNX Runtime CUDA need a GPU"):
+    assert tuning.Objective.parse("cosine>=0.99") == tuning.Objective("cosine", 0.99, "cosine>=0.99")
+    with pytest.raises(se.InputError, match=r"the cosine must be a number in \(0, 1\]"):
+        tuning.Objective.parse("cosine>=1.5")
+    with pytest.raises(se.InputError, match="tune does not time TensorRT engines yet"):
         tuning.tune(make_model(), images, "speedup>=2", backend="tensorrt")
+    with pytest.raises(se.InputError, match="backend 'tflite': tune measures on onnxruntime-cpu, onnxruntime-cuda, eager"):
+        tuning.tune(make_model(), images, "speedup>=2", backend="tflite")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(se.InputError, match="backend onnxruntime-cuda needs onnxruntime-gpu and a CUDA GPU"):
+            tuning.tune(make_model(), images, "speedup>=2", backend="onnxruntime-cuda")
     with pytest.raises(se.InputError, match="the accuracy-drop objective needs labelled images"):
         tuning.tune(make_model(), images, "accuracy-drop<=1%", **QUICK)
     few = tmp_path / "few"
@@ -79,7 +90,8 @@ def test_the_chosen_schedule_meets_its_bound_and_exports_through_the_gate(tuned,
     faster = [p for p in result.front if p.measured_ms < result.chosen.measured_ms]
     assert all(1 - p.agreement_interval[0] > 0.6 for p in faster)  # it is the fastest that meets it
     exported = se.export(make_model(), tmp_path / "chosen", se.ExportConfig(
-        keep_schedule=result.chosen.spec, target="onnx", batch=(1, 3, 4), parity_images=4))
+        keep_schedule=result.chosen.spec, tau=result.tau, gamma=result.gamma, target="onnx", batch=(1, 3, 4),
+        parity_images=4))
     assert exported.parity.passed and exported.schedule.drops[:len(result.chosen.drops)] == tuple(result.chosen.drops)
 
 
@@ -88,7 +100,7 @@ def test_the_same_seed_gives_the_same_front_and_an_interrupted_run_resumes_to_it
 
     def searched(r):  # what does not depend on timings: every measured schedule's probe and held-out KL
         measured = json.loads((r.files[0]).read_text())["measured"]
-        return sorted((p["spec"], p["source"], round(p["kl_tune"], 12), round(p["kl"], 12)) for p in measured)
+        return sorted((p["spec"], p["source"], round(p["loss_tune"], 12), round(p["kl"], 12)) for p in measured)
 
     class StopDuringSearch(se.Progress):
         def step(self, key, label, total=None):
@@ -129,3 +141,122 @@ def test_cli_an_impossible_objective_exits_4_in_one_line_and_still_writes_the_fr
     saved = json.loads((tmp_path / "t" / "front.json").read_text())
     assert saved["met"] is False and saved["front"] and saved["closest"].startswith("r:")
     assert saved["backend"] == "onnxruntime-cpu" and "latency model: measured =" in out
+
+
+def test_tau_and_gamma_are_searched_at_early50_and_travel_with_the_schedule(tuned, images, tmp_path):
+    result, output = tuned
+    entries = [json.loads(line) for line in (output / "journal.jsonl").read_text().splitlines()[1:]]
+    scored = {e["key"]: e["value"] for e in entries if e["key"].startswith("hp ")}
+    grid = tuning.hyperparameter_grid()
+    assert len(grid) == 9 and grid[0] == (spec.TAU, spec.GAMMA)
+    assert sorted(scored) == sorted(f"hp {t:g},{g:g}" for t, g in grid)
+    best = min(scored.values())
+    assert scored[f"hp {result.tau:g},{result.gamma:g}"] == best  # the lowest proxy at early50 was kept
+    assert (output / "command.txt").read_text().strip() == result.command("VisionTransformer")  # a module: its class
+    command = result.command("test_vit")
+    assert command.startswith(f"saint-export test_vit --keep-schedule {result.closest.spec}")
+    assert (f"--tau {result.tau:g}" in command) == (result.tau != spec.TAU)
+    assert (f"--gamma {result.gamma:g}" in command) == (result.gamma != spec.GAMMA)
+    # Given values are kept: only γ is searched here, around the given τ.
+    fixed = tuning.tune(make_model(), images, "disagreement<=60%", tau=0.7, output=tmp_path / "fixed",
+                        **{**QUICK, "finalists": 2, "step": 32})
+    keys = [json.loads(line)["key"] for line in (tmp_path / "fixed" / "journal.jsonl").read_text().splitlines()[1:]]
+    assert sorted(k for k in keys if k.startswith("hp ")) == sorted(f"hp 0.7,{g:g}" for g in (10, 5, 20))
+    assert fixed.tau == 0.7
+
+
+@pytest.mark.parametrize("kind", ["timm", "clip", "clip-projection", "siglip", "llava"])
+def test_the_probe_runs_what_export_runs(kind):
+    """The prober's cut model equals the exported module unpruned, and its proxy for a schedule
+    equals the patched model's (what certification runs): the search scores what ships."""
+    import torch
+    from test_vlm import make_tower, pixels, tiny_llava
+
+    model = {"timm": make_model, "llava": tiny_llava}.get(kind, lambda: make_tower(kind))()
+    adapter = find_adapter(model)
+    size = adapter.describe(model).img_size
+    x = torch.from_numpy(np.random.default_rng(0).random((5, 3, size, size), np.float32)) if kind == "timm" \
+        else pixels(5)
+    parts = adapter.probe_parts(model)
+    classifier = kind == "timm"
+    with torch.no_grad():
+        reference = adapter.export_module(model)(x)
+        hidden = parts.stem(x)
+        for block in parts.blocks:
+            hidden = parts.block_forward(block, hidden, lambda keys: None)
+        torch.testing.assert_close(parts.head(hidden), reference, rtol=0, atol=1e-5)
+    info = adapter.describe(model)
+    drops = list(se.KeepSchedule.for_model("early25" if kind == "timm" else "early50", info).drops)
+    hp = (0.7, spec.VOTE_K, 5.0)
+    prober = tuning.Prober(parts, x, reference, se.KeepSchedule.for_model("none", info), hp, 2, classifier)
+    patched = se.apply(model, tuning._r(drops), tau=0.7, gamma=5.0)
+    with torch.no_grad():
+        outputs = adapter.export_module(patched)(x)
+    expected = tuning.proxy_loss(outputs, reference, classifier)
+    assert expected > 1e-6  # the schedule changes the outputs
+    assert prober.loss(drops) == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def small_images(tmp_path_factory):
+    """24 images of flat regions plus noise, at the tiny towers' 32 px."""
+    folder = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(1)
+    for i in range(24):
+        image = np.kron(rng.random((4, 4, 3)), np.ones((16, 16, 1))) + 0.05 * rng.standard_normal((64, 64, 3))
+        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_a_tower_is_tuned_on_feature_cosine_with_a_lower_bound(small_images, tmp_path):
+    from test_vlm import make_tower
+
+    result = tuning.tune(make_tower("clip"), small_images, "cosine>=0.9", output=tmp_path / "clip",
+                         **{**QUICK, "backend": "onnxruntime-cpu", "step": 4})
+    assert not result.classifier and result.backend == "onnxruntime-cpu"
+    saved = json.loads((tmp_path / "clip" / "front.json").read_text())
+    assert saved["proxy"] == "1 - feature cosine"
+    # early25 cannot be reached in the 2 pruning blocks of a 4-layer tower: it is left out, not fatal
+    assert sorted(p["source"] for p in saved["measured"] if p["source"] in tuning.FAMILIES) == ["early50", "early75"]
+    for p in result.front:
+        assert p.kl is None and p.agreement is None
+        assert p.loss == pytest.approx(1 - p.cosine) and p.cosine_low <= p.cosine <= 1 + 1e-9
+        assert not any(q.measured_ms <= p.measured_ms and q.loss <= p.loss
+                       and (q.measured_ms < p.measured_ms or q.loss < p.loss) for q in result.front)
+    if result.met:
+        assert result.chosen.cosine_low >= 0.9
+        assert all(p.cosine_low < 0.9 for p in result.front if p.measured_ms < result.chosen.measured_ms)
+    else:
+        assert all(p.cosine_low < 0.9 for p in result.front)
+    assert "1-cos" in result.table().splitlines()[0]
+
+
+def test_a_tower_refuses_label_objectives_and_llava_tunes_on_its_features(small_images, tmp_path):
+    from test_vlm import make_tower, tiny_llava
+
+    with pytest.raises(se.InputError, match="the disagreement objective needs a classifier's logits; "
+                                            "SiglipVisionModel outputs features: use cosine>=X"):
+        tuning.tune(make_tower("siglip"), small_images, "disagreement<=5%", **QUICK)
+    result = tuning.tune(tiny_llava(), small_images, "cosine>=0.5", **{**QUICK, "step": 8})
+    assert not result.classifier and result.front
+    # LLaVA's tower: the schedule covers the layers before its feature layer (3 of 4 here).
+    assert all(len(se.KeepSchedule.parse(p.spec, 3, 64).drops) == 3 for p in result.front)
+
+
+def test_the_latency_model_recovers_a_quadratic_block_cost():
+    """Blocks that cost exactly c0 + c1·n + c2·n², and whole models a·Σ + b: the fit recovers a
+    and b and predicts every schedule exactly (the curve is a quadratic, not an interpolation)."""
+    info = find_adapter(make_model()).describe(make_model())
+    unpruned = se.KeepSchedule.for_model("none", info)
+
+    def block(n):
+        return 0.5 + 0.02 * n + 0.0004 * n * n
+
+    grid = [5, 20, 40, 60, 80, 101]
+    model = tuning.LatencyModel(grid, [block(n) for n in grid], unpruned)
+    schedules = [(0,) * 6, (10, 10, 10, 10, 10, 10), (0, 0, 40, 20, 0, 5), (50, 25, 12, 6, 3, 1)]
+    measured = {d: 1.3 * model.blocks_ms(d) + 4.0 for d in schedules}
+    fit = model.fit(measured)
+    assert fit["a"] == pytest.approx(1.3) and fit["b"] == pytest.approx(4.0, abs=1e-6)
+    assert model.predict((20, 0, 0, 0, 0, 30)) == pytest.approx(1.3 * model.blocks_ms((20, 0, 0, 0, 0, 30)) + 4.0)
+    assert model._t(33) == pytest.approx(block(33))  # between the measured points: the quadratic, not a chord

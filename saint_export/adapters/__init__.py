@@ -20,6 +20,7 @@ An adapter is a module (ToMe's pattern: one module per family, the same entry po
 | `preprocess(model)` | `images.Preprocess`: how an image becomes the model's input |
 | `label_names(model)` | the head's class names, or None |
 | `class_indices(model, class_names)` | image-folder class names → the head's class indices |
+| `probe_parts(model)` | optional: `ProbeParts`, the model cut at its blocks (what `tune` searches on) |
 
 Nothing outside `adapters/` and `models.py` touches a model's attributes.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 from ..errors import InputError
 
@@ -47,6 +49,15 @@ class ModelInfo:
     # For the FLOPs ratio where the schedule's blocks are only some of the model's (Qwen2.5-VL's
     # full-attention blocks): how many blocks each stands for, itself and those since the previous.
     spans: tuple[int, ...] | None = None
+
+
+class ProbeParts(NamedTuple):
+    """A model cut at its pruning blocks, for `tune` (which caches every block's input):
+    export_module(model)(pixels) == head(blocks run in turn on stem(pixels)) when nothing drops."""
+    stem: Callable  # pixel_values → the first block's tokens [B, N, C]
+    blocks: list  # the blocks a schedule covers, in order
+    block_forward: Callable  # (block, tokens, select) → tokens; select(keys [B, N, d]) → kept indices or None
+    head: Callable  # the last block's tokens → the exported graph's (main) output
 
 
 def adapters() -> list:

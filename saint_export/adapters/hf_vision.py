@@ -27,7 +27,7 @@ from .. import compat
 from ..core import gather_tokens
 from ..errors import InputError
 from ..images import Preprocess
-from . import ModelInfo, unsupported
+from . import ModelInfo, ProbeParts, unsupported
 
 family = "transformers"
 INPUT_NAME = "pixel_values"
@@ -232,11 +232,14 @@ def _saint_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tens
     return compat.encoder_layer_forward(self, hidden_states, functools.partial(_select, self), **kwargs)
 
 
-def _select(layer, hidden_states: torch.Tensor) -> torch.Tensor:
-    keys = layer.saint_keys.pop()  # [B, N, heads * d] from the key projection's hook
+def _head_mean(layer, keys: torch.Tensor) -> torch.Tensor:
+    """The key projection's output [B, N, heads · d] → keys averaged over heads [B, N, d]."""
     batch, tokens, _ = keys.shape
-    keys = keys.view(batch, tokens, compat.attention_heads(layer), -1).mean(2)
-    keep_index = layer.saint_dropper(keys)
+    return keys.view(batch, tokens, compat.attention_heads(layer), -1).mean(2)
+
+
+def _select(layer, hidden_states: torch.Tensor) -> torch.Tensor:
+    keep_index = layer.saint_dropper(_head_mean(layer, layer.saint_keys.pop()))  # keys from the hook
     # The survivors, ascending (for ImageFeatures.track_positions: where each token came from).
     layer.saint_kept = None if keep_index is None else keep_index.sort(dim=1).values
     return hidden_states if layer.saint_kept is None else gather_tokens(hidden_states, layer.saint_kept)
@@ -260,6 +263,30 @@ def patch_tower(model: torch.nn.Module, droppers: dict) -> None:
         layer.saint_keys = []
         compat.key_projection(layer).register_forward_hook(
             lambda module, args, out, layer=layer: layer.saint_keys.append(out))
+
+
+def block_forward(layer: torch.nn.Module, hidden_states: torch.Tensor, select) -> torch.Tensor:
+    """An unpatched encoder layer's forward with `select(keys)` → kept token indices (or None: all)
+    after the attention residual, as a pruning layer runs. `tune` runs layers through it."""
+    keys = []
+    hook = compat.key_projection(layer).register_forward_hook(lambda module, args, out: keys.append(out))
+
+    def choose(hidden):
+        keep_index = select(_head_mean(layer, keys.pop()))
+        # ascending, as `_select` keeps them: the next layer's A/B split depends on the order
+        return hidden if keep_index is None else gather_tokens(hidden, keep_index.sort(dim=1).values)
+    try:
+        return compat.encoder_layer_forward(layer, hidden_states, choose)
+    finally:
+        hook.remove()
+
+
+def probe_parts(model: torch.nn.Module) -> ProbeParts:
+    """The tower's stem, the layers that feed the features, and the rest of the exported graph:
+    LLaVA's feature selection and projector, or what the tower's forward does after its encoder."""
+    stem = torch.nn.Sequential(*compat.tower_stem(model))
+    head = ImageFeatures(model).project if is_llava(model) else functools.partial(compat.tower_head, model)
+    return ProbeParts(stem, list(layers(model)[:feature_depth(model)]), block_forward, head)
 
 
 class ImageFeatures(torch.nn.Module):
@@ -298,11 +325,16 @@ class ImageFeatures(torch.nn.Module):
             hidden = layer(hidden, None)
             if self.track_positions and layer.saint_kept is not None:
                 alive = alive.gather(1, layer.saint_kept)
-        features = self.projector(hidden[:, 1:] if self.drop_first else hidden)
+        features = self.project(hidden)
         if not self.track_positions:
             return features
         protected = _protected(self.saint_vision_config)
         return features, (alive[:, 1:] if self.drop_first else alive) - protected
+
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LLaVA: the feature layer's tokens → the features (the selection strategy, the projector)."""
+        return self.projector(hidden[:, 1:] if self.drop_first else hidden)
 
 
 def export_module(model: torch.nn.Module) -> torch.nn.Module:

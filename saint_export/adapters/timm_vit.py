@@ -24,7 +24,7 @@ from timm.models.vision_transformer import Block, VisionTransformer  # noqa: E40
 from ..core import gather_tokens  # noqa: E402
 from ..errors import InputError  # noqa: E402
 from ..images import Preprocess  # noqa: E402
-from . import ModelInfo, unsupported  # noqa: E402
+from . import ModelInfo, ProbeParts, unsupported  # noqa: E402
 
 family = "timm"
 INPUT_NAME = "pixel_values"
@@ -204,3 +204,7 @@ def stem(model: VisionTransformer, pixel_values: torch.Tensor) -> torch.Tensor:
 def head(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """The logits from the last block's tokens."""
     return model.forward_head(model.norm(x))
+
+
+def probe_parts(model: VisionTransformer) -> ProbeParts:
+    return ProbeParts(lambda x: stem(model, x), list(model.blocks), block_forward, lambda x: head(model, x))
