@@ -263,12 +263,11 @@ def tune(args) -> int:
           f"{result.images['tune']} tune images ({result.images['probe']} probed), {result.images['held_out']} "
           f"held out; τ {result.tau:g}, γ {result.gamma:g}; {result.seconds:.0f} s")
     print("wrote " + ", ".join(str(p) for p in result.files))
-    weights = f" --weights {args.weights}" if args.weights else ""
     if not result.met:
         _err(f"saint-export: no schedule meets {result.objective.text} on the held-out images; the closest is "
              f"{result.closest.spec} (front.json has the whole front)")
         return EXIT_NOT_MET
-    print(f"export it: {result.command(args.model)}{weights}")
+    print(f"export it: {result.command(args.model)}")
     return EXIT_OK
 
 

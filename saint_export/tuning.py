@@ -134,12 +134,14 @@ class TuneResult:
     gamma: float = spec.GAMMA
     K: int = spec.VOTE_K
     classifier: bool = True  # False: a tower (features; the proxy is 1 − feature cosine)
+    weights: str | None = None  # the model's weights, where it was given by name
     files: list = field(default_factory=list)
     latency_fit: dict = field(default_factory=dict)
 
     def command(self, model: str = "MODEL") -> str:
-        """The export command of the closest point, with τ, γ and K where they are not the defaults."""
-        extra = "".join(f" --{flag} {value:g}" for flag, value, default in (
+        """The export command of the closest point, with the weights, and τ, γ and K where they are
+        not the defaults."""
+        extra = (f" --weights {self.weights}" if self.weights else "") + "".join(f" --{flag} {value:g}" for flag, value, default in (
             ("tau", self.tau, spec.TAU), ("K", self.K, spec.VOTE_K), ("gamma", self.gamma, spec.GAMMA))
             if value != default)
         return f"saint-export {model} --keep-schedule {self.closest.spec}{extra}"
@@ -365,9 +367,7 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
                    "saint": [tau, K, gamma]}
     journal = Journal(output / JOURNAL if output else None, fingerprint)
 
-    features = adapter.export_module(base)
-    with torch.no_grad():
-        reference = torch.cat([features(pixels[i:i + batch]).float() for i in range(0, len(pixels), batch)])
+    reference = _outputs(base, pixels, batch)
     prober = Prober(adapter.probe_parts(base), pixels[probe_idx], reference[probe_idx], unpruned, None, batch,
                     classifier)
 
@@ -469,7 +469,7 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
     result = TuneResult(goal, saved, chosen, closest, met, backend,
                         {"tune": len(tune_idx), "probe": len(probe_idx), "held_out": len(held_idx)},
                         time.perf_counter() - started, tau=tau, gamma=gamma, K=K, classifier=classifier,
-                        latency_fit=fit)
+                        weights=weights, latency_fit=fit)
     if output is not None:
         result.files = _write(output, result, points, sensitivity, counts, name)
     return result
@@ -582,15 +582,7 @@ def _measure(base, adapter, info, unpruned, picks, backend, batch, rounds, journ
                 runners[spec_text] = runner.infer
             advance(i + 1)
         x = np.random.default_rng(0).standard_normal((batch, 3, info.img_size, info.img_size)).astype(np.float32)
-        times = {key: [] for key in runners}
-        with torch.no_grad():
-            for fn in runners.values():
-                fn(x)  # warm-up
-            for _ in range(rounds * 3):
-                for key, fn in runners.items():
-                    t0 = time.perf_counter()
-                    fn(x)
-                    times[key].append(1000 * (time.perf_counter() - t0))
+        times = _interleaved({key: (lambda fn=fn: fn(x)) for key, fn in runners.items()}, rounds * 3)
         for key, samples in times.items():
             journal.get("timings " + key, lambda s=samples: sorted(s))
     return latency, {_r(p[1]): journal.entries["timings " + _r(p[1])] for p in picks}
@@ -626,16 +618,23 @@ def _block_curve(parts, grid, width, backend, batch, rounds) -> list[float]:
         name = session.get_inputs()[0].name
         run = {n: (lambda x: session.run(None, {name: x})) for n in grid}
     inputs = {n: np.random.default_rng(n).standard_normal((batch, n, width)).astype(np.float32) for n in grid}
-    samples = {n: [] for n in grid}
-    with torch.no_grad():
-        for n in grid:
-            run[n](inputs[n])  # warm-up
-        for _ in range(rounds * 3):
-            for n in grid:
-                t0 = time.perf_counter()
-                run[n](inputs[n])
-                samples[n].append(1000 * (time.perf_counter() - t0))
+    samples = _interleaved({n: (lambda n=n: run[n](inputs[n])) for n in grid}, rounds * 3)
     return [statistics.median(samples[n]) for n in grid]
+
+
+def _interleaved(calls: dict, rounds: int) -> dict:
+    """Milliseconds of every call in each of `rounds` rounds, one of each per round (after one
+    warm-up each): the shared cores' slow spells then fall on all of them alike."""
+    samples = {key: [] for key in calls}
+    with torch.no_grad():
+        for call in calls.values():
+            call()
+        for _ in range(rounds):
+            for key, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                samples[key].append(1000 * (time.perf_counter() - t0))
+    return samples
 
 
 def _certify(base, pixels, reference, labels, drops, batch, hp, classifier) -> dict:

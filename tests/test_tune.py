@@ -141,6 +141,8 @@ def test_cli_an_impossible_objective_exits_4_in_one_line_and_still_writes_the_fr
     saved = json.loads((tmp_path / "t" / "front.json").read_text())
     assert saved["met"] is False and saved["front"] and saved["closest"].startswith("r:")
     assert saved["backend"] == "onnxruntime-cpu" and "latency model: measured =" in out
+    assert (tmp_path / "t" / "command.txt").read_text().startswith(
+        f"saint-export test_vit --keep-schedule {saved['closest']} --weights random")
 
 
 def test_tau_and_gamma_are_searched_at_early50_and_travel_with_the_schedule(tuned, images, tmp_path):
