@@ -137,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", type=int, default=64, help="tune images the search scores on (default 64)")
     p.add_argument("--step", type=int, default=8, help="tokens added per search step (default 8)")
     p.add_argument("--finalists", type=int, default=8, help="front points exported and measured (default 8)")
+    p.add_argument("--polish", type=int, default=0, help="Optuna NSGA-II trials after the greedy path, started "
+                   "from it (default 0; needs the tune extra)")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="folder for front.json, front.png, sensitivity.png, schedule.txt and journal.jsonl "
                         "(a rerun resumes from its journal)")
@@ -253,7 +255,8 @@ def tune(args) -> int:
     try:
         result = se.tune(args.model, args.images, args.objective, weights=args.weights, backend=args.backend,
                          batch=args.batch, budget_minutes=args.budget_minutes, holdout=args.holdout, seed=args.seed,
-                         probe=args.probe, step=args.step, finalists=args.finalists, output=args.output,
+                         probe=args.probe, step=args.step, finalists=args.finalists, polish=args.polish,
+                         output=args.output,
                          tau=args.tau, K=args.K, gamma=args.gamma, progress=TqdmProgress())
     except KeyboardInterrupt:
         _err(f"saint-export: interrupted; the same command resumes from {args.output / 'journal.jsonl'}")

@@ -321,7 +321,7 @@ class LatencyModel:
 
 def tune(model, images, objective: str, *, weights: str | None = None, backend: str = "onnxruntime-cpu",
          batch: int = 8, budget_minutes: float | None = None, holdout: float = 0.3, seed: int = 0, step: int = 8,
-         probe: int = 64, finalists: int = 8, rounds: int = 3, output=None, tau: float | None = None,
+         probe: int = 64, finalists: int = 8, rounds: int = 3, polish: int = 0, output=None, tau: float | None = None,
          K: int = spec.VOTE_K, gamma: float | None = None, progress=None) -> TuneResult:
     """Search, measure and certify static schedules of `model` (a timm ViT, CLIP / SigLIP tower or
     LLaVA-1.5 name with `weights`, or an unpatched module) on `images` (files, flat folders or class
@@ -336,7 +336,7 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
     goal = Objective.parse(objective)
     _check_backend(backend)
     for name, value, low in (("batch", batch, 1), ("step", step, 1), ("probe", probe, 2), ("finalists", finalists, 2),
-                             ("rounds", rounds, 1)):
+                             ("rounds", rounds, 1), ("polish", polish, 0)):
         if not (isinstance(value, int) and value >= low):
             raise InputError(f"{name} must be an integer ≥ {low}, got {value!r}")
     if not 0 < holdout < 1:
@@ -419,6 +419,11 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
             steps += 1
             candidates[_r(path)] = (f"path {steps}", tuple(path), best[2])
             advance(steps)
+    if polish:
+        prober.commit([0] * info.depth)  # trials re-run from their first dropping block
+        greedy = [list(c[1]) for c in candidates.values()]
+        for i, (drops, loss) in enumerate(_polish(unpruned, greedy, polish, step, seed, loss_of, deadline, progress)):
+            candidates.setdefault(_r(drops), (f"polish {i + 1}", drops, loss))
     for family in FAMILIES:
         try:
             drops = KeepSchedule.for_model(family, info).drops
@@ -492,15 +497,61 @@ def _macs(unpruned: KeepSchedule, drops) -> float:
 def _repaired(unpruned: KeepSchedule, drops, block: int, step: int) -> list | None:
     """`drops` with `step` more at `block`, later blocks cut back to what they can still drop
     (the A half of their fewer tokens); None when `block` itself cannot drop more."""
-    trial, n = list(drops), unpruned.num_patches
+    trial = list(drops)
     trial[block] += step
+    return _clamped(unpruned, trial, after=block)
+
+
+def _clamped(unpruned: KeepSchedule, drops, after: int = -1) -> list | None:
+    """`drops` with every block after `after` cut back to what it can still drop; None when a
+    block up to `after` cannot drop what it asks (or the TopK limit is passed)."""
+    trial, n = list(drops), unpruned.num_patches
     for i, r in enumerate(trial):
-        if i > block:
+        if i > after:
             trial[i] = r = min(r, spec.max_drop(n))
         if spec.drop_problem(n, r):
             return None
         n -= r
     return trial
+
+
+def _polish(unpruned: KeepSchedule, seeds: list, trials: int, step: int, seed: int, loss_of, deadline, progress) -> list:
+    """Optuna's NSGA-II over the first half's drops (multiples of `step`, later blocks cut back to
+    what they can drop), on (MACs, probe proxy), started from the greedy front `seeds`. Returns
+    the (drops, proxy) of every trial. Deterministic for a seed (one worker; every value comes from
+    `loss_of`, so a resumed run replays the same trials from the journal), unless the deadline
+    stops it early."""
+    try:
+        import optuna
+    except ImportError:
+        raise InputError("polish needs Optuna (pip install 'saint-export[tune]')") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    half, depth = unpruned.depth // 2, unpruned.depth
+    high = spec.max_drop(unpruned.num_patches) // step * step
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.NSGAIISampler(
+        population_size=max(4, min(50, trials // 4)), seed=seed))
+    queued = 0
+    for drops in seeds:  # those the space holds (the path's cut-back blocks may not be multiples of step)
+        if all(r % step == 0 and r <= high for r in drops[:half]) and not any(drops[half:]):
+            study.enqueue_trial({f"r{b}": drops[b] for b in range(half)})
+            queued += 1
+    found = []
+
+    def objective(trial):
+        drops = _clamped(unpruned, [trial.suggest_int(f"r{b}", 0, high, step=step) for b in range(half)]
+                         + [0] * (depth - half))
+        loss = loss_of(drops)
+        found.append((tuple(drops), loss))
+        return _macs(unpruned, drops), loss
+
+    with progress.step("polish", f"NSGA-II, {trials} trials after {queued} from the greedy path",
+                       total=queued + trials) as advance:
+        def after(study, trial):
+            advance(len(found))
+            if deadline is not None and time.perf_counter() > deadline:
+                study.stop()
+        study.optimize(objective, n_trials=queued + trials, callbacks=[after])
+    return found
 
 
 def _split(n: int, labels, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -262,3 +262,39 @@ def test_the_latency_model_recovers_a_quadratic_block_cost():
     assert fit["a"] == pytest.approx(1.3) and fit["b"] == pytest.approx(4.0, abs=1e-6)
     assert model.predict((20, 0, 0, 0, 0, 30)) == pytest.approx(1.3 * model.blocks_ms((20, 0, 0, 0, 0, 30)) + 4.0)
     assert model._t(33) == pytest.approx(block(33))  # between the measured points: the quadratic, not a chord
+
+
+def test_the_optuna_polish_starts_from_the_greedy_path_is_legal_and_deterministic():
+    info = find_adapter(make_model()).describe(make_model())
+    unpruned = se.KeepSchedule.for_model("none", info)
+    weights = np.array([5.0, 3.0, 1.0, 0, 0, 0])  # early blocks cost more proxy per token
+
+    def loss_of(drops):
+        return float(weights @ np.array(drops) / 100)
+
+    seeds = [[0] * 6, [0, 0, 8, 0, 0, 0], [0, 0, 16, 0, 0, 0], [0, 8, 16, 0, 0, 0], [0, 0, 50, 0, 0, 0]]
+    runs = [tuning._polish(unpruned, seeds, 16, 8, 3, loss_of, None, se.Progress()) for _ in range(2)]
+    assert runs[0] == runs[1]  # the same seed, the same trials
+    # the seeds the space holds (multiples of 8; 50 is not) come first, in order
+    assert [list(d) for d, _ in runs[0][:4]] == seeds[:4] and len(runs[0]) == 4 + 16
+    for drops, loss in runs[0]:
+        assert se.KeepSchedule.parse(tuning._r(drops), 6, 100).drops == tuple(drops)  # legal: export takes it
+        assert loss == loss_of(list(drops))
+    other = tuning._polish(unpruned, seeds, 16, 8, 4, loss_of, None, se.Progress())
+    assert [d for d, _ in other[4:]] != [d for d, _ in runs[0][4:]]  # the seed matters
+
+
+def test_tune_takes_the_polish_trials_into_its_front(images, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_polish(unpruned, seeds, trials, step, seed, loss_of, deadline, progress):
+        calls.append((trials, step, seed, [0] * 6 in seeds))
+        return [((48, 26, 13, 0, 0, 0), 0.0)]  # the cheapest and, as faked, lossless: the probe front's best
+
+    monkeypatch.setattr(tuning, "_polish", fake_polish)
+    result = tuning.tune(make_model(), images, "disagreement<=60%", polish=5, seed=2, tau=spec.TAU,
+                         gamma=spec.GAMMA, output=tmp_path, **{**QUICK, "finalists": 2, "step": 32})
+    assert calls == [(5, 32, 2, True)]
+    measured = json.loads((tmp_path / "front.json").read_text())["measured"]
+    assert [p["spec"] for p in measured if p["source"] == "polish 1"] == ["r:48,26,13"]
+    assert result.images["probe"] == 16
