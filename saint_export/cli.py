@@ -140,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--polish", type=int, default=0, help="Optuna NSGA-II trials after the greedy path, started "
                    "from it (default 0; needs the tune extra)")
     p.add_argument("-o", "--output", type=Path, required=True,
-                   help="folder for front.json, front.png, sensitivity.png, schedule.txt and journal.jsonl "
-                        "(a rerun resumes from its journal)")
+                   help="folder for front.json, front.png, sensitivity.png, schedule.txt, command.txt and "
+                        "journal.jsonl (a rerun resumes from its journal)")
 
     p = sub.add_parser("check", help="check that an exported engine folder matches this machine")
     p.add_argument("folder", type=Path)

@@ -14,9 +14,11 @@ carried must now be carried by the others), and the objectives are speed, latenc
    go; K does not, for a static schedule). Then a greedy path from the unpruned model. Each
    step tries `step` more dropped tokens in every pruning block (SAINT's first half) and keeps the
    try that raises the proxy (the KL divergence of the logits from the unpruned model's, or
-   1 − feature cosine) least per multiply-accumulate saved. Block inputs along the path are cached, so a try re-runs only the
-   blocks from its own. Every step is a schedule, so one path gives the whole front. The
-   `early<P>` families are evaluated beside it. Costs are MACs here, so the path is deterministic.
+   1 − feature cosine) least per multiply-accumulate saved. Block inputs along the path are
+   cached, so a try re-runs only the blocks from its own. Every step is a schedule, so one path
+   gives the whole front. With `polish`, Optuna's NSGA-II then tries that many more schedules,
+   started from the path. The `early<P>` families are evaluated beside it. Costs are MACs here,
+   so the search is deterministic.
 3. **Latency**: a per-block cost curve over token counts measured on the backend, with an affine
    correction from whole-model runs (`LatencyModel`); the finalists are exported and measured for
    real, in interleaved rounds (medians), and the front reports predicted against measured.
@@ -141,10 +143,11 @@ class TuneResult:
     def command(self, model: str = "MODEL") -> str:
         """The export command of the closest point, with the weights, and τ, γ and K where they are
         not the defaults."""
-        extra = (f" --weights {self.weights}" if self.weights else "") + "".join(f" --{flag} {value:g}" for flag, value, default in (
+        saint = "".join(f" --{flag} {value:g}" for flag, value, default in (
             ("tau", self.tau, spec.TAU), ("K", self.K, spec.VOTE_K), ("gamma", self.gamma, spec.GAMMA))
             if value != default)
-        return f"saint-export {model} --keep-schedule {self.closest.spec}{extra}"
+        weights = f" --weights {self.weights}" if self.weights else ""
+        return f"saint-export {model} --keep-schedule {self.closest.spec}{weights}{saint}"
 
     def table(self) -> str:
         proxy, share = ("KL", "agree") if self.classifier else ("1-cos", "cosine")
@@ -154,8 +157,8 @@ class TuneResult:
             value, low = ((p.agreement, p.agreement_interval[0]) if self.classifier else (p.cosine, p.cosine_low))
             spec_text = p.spec if len(p.spec) <= 33 else p.spec[:30] + "…"
             shown = f"{value:>7.1%} {low:>8.1%}" if self.classifier else f"{value:>7.4f} {low:>8.4f}"
-            lines.append(f"{spec_text:<34} {p.source:<10} {p.speedup:>7.2f}x {p.speedup_low:>5.2f}x {p.predicted_ms:>8.2f} "
-                         f"{p.measured_ms:>8.2f} {p.loss:>8.4f} {shown}"
+            lines.append(f"{spec_text:<34} {p.source:<10} {p.speedup:>7.2f}x {p.speedup_low:>5.2f}x "
+                         f"{p.predicted_ms:>8.2f} {p.measured_ms:>8.2f} {p.loss:>8.4f} {shown}"
                          + ("  ← chosen" if p.selected else ""))
         return "\n".join(lines)
 
@@ -515,7 +518,8 @@ def _clamped(unpruned: KeepSchedule, drops, after: int = -1) -> list | None:
     return trial
 
 
-def _polish(unpruned: KeepSchedule, seeds: list, trials: int, step: int, seed: int, loss_of, deadline, progress) -> list:
+def _polish(unpruned: KeepSchedule, seeds: list, trials: int, step: int, seed: int, loss_of, deadline,
+            progress) -> list:
     """Optuna's NSGA-II over the first half's drops (multiples of `step`, later blocks cut back to
     what they can drop), on (MACs, probe proxy), started from the greedy front `seeds`. Returns
     the (drops, proxy) of every trial. Deterministic for a seed (one worker; every value comes from
@@ -710,7 +714,8 @@ def _certify(base, pixels, reference, labels, drops, batch, hp, classifier) -> d
                        agreement_interval=list(wilson_interval(int(agree.sum()), len(agree))))
     if labels is not None:
         accuracy = float((outputs.argmax(-1).numpy() == labels).mean())
-        metrics.update(accuracy=accuracy, accuracy_drop=float((reference.argmax(-1).numpy() == labels).mean()) - accuracy)
+        unpruned_accuracy = float((reference.argmax(-1).numpy() == labels).mean())
+        metrics.update(accuracy=accuracy, accuracy_drop=unpruned_accuracy - accuracy)
     return metrics
 
 

@@ -2,7 +2,7 @@
 families, predicted against measured latency, and the chosen schedule re-measured on its own.
 
     python scripts/bench_tune.py [--model vit_b16] [--images 256] [--objective speedup>=2]
-                                 [--probe 32] [--step 16] [--output bench/tune]
+                                 [--probe 32] [--step 16] [--polish 0] [--output bench/tune]
 
 Random weights (no hub); the images are generated (flat 16-px regions with noise, seeded), so the
 figures measure the search and the latency model, not accuracy on photographs. The tune runs on
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=32)
     parser.add_argument("--step", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--polish", type=int, default=0, help="Optuna NSGA-II trials after the greedy path")
     parser.add_argument("--output", type=Path, default=Path("bench/tune"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -79,7 +80,7 @@ def main() -> None:
     images = generate_images(args.output / "images", args.images, arch.info.img_size)
     t0 = time.perf_counter()
     result = se.tune(args.model, images, args.objective, weights="random", backend="onnxruntime-cpu",
-                     batch=args.batch, probe=args.probe, step=args.step, output=args.output)
+                     batch=args.batch, probe=args.probe, step=args.step, polish=args.polish, output=args.output)
     seconds = time.perf_counter() - t0
     print(result.table())
     model = load(arch, "random")
@@ -89,6 +90,7 @@ def main() -> None:
                f"onnxruntime {__import__('onnxruntime').__version__}")
     lines = [f"{args.model}, random weights, {args.images} generated images ({result.images['tune']} tune, "
              f"{result.images['probe']} probed, {result.images['held_out']} held out), objective {args.objective}, "
+             f"polish {args.polish} trials, "
              f"ONNX Runtime CPU batch {args.batch}; {machine}; search and certification {seconds / 60:.1f} min", "",
              "| schedule | source | measured speed-up | quartile bound | predicted ms | measured ms | held-out KL | "
              "agreement | agreement (95% lower) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -331,7 +331,6 @@ class ImageFeatures(torch.nn.Module):
         protected = _protected(self.saint_vision_config)
         return features, (alive[:, 1:] if self.drop_first else alive) - protected
 
-
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """LLaVA: the feature layer's tokens → the features (the selection strategy, the projector)."""
         return self.projector(hidden[:, 1:] if self.drop_first else hidden)
