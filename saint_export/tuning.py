@@ -107,7 +107,8 @@ class FrontPoint:
     flops_ratio: float
     loss_tune: float  # the search's proxy on the probe images (KL, or 1 − feature cosine)
     predicted_ms: float | None = None
-    measured_ms: float | None = None  # the median of its interleaved timings
+    measured_ms: float | None = None  # the median of its interleaved timings (one batch)
+    images_per_s: float | None = None  # the batch over measured_ms
     speedup: float | None = None  # medians: the unpruned model's over this one's
     speedup_low: float | None = None  # the unpruned model's lower quartile over this one's upper quartile
     slow_ms: float | None = None  # the upper quartile of its timings
@@ -152,13 +153,13 @@ class TuneResult:
     def table(self) -> str:
         proxy, share = ("KL", "agree") if self.classifier else ("1-cos", "cosine")
         lines = [f"{'schedule':<34} {'source':<10} {'speed-up':>8} {'≥':>6} {'pred ms':>8} {'meas ms':>8} "
-                 f"{proxy:>8} {share:>7} {share + ' ≥':>8}"]
+                 f"{'img/s':>7} {proxy:>8} {share:>7} {share + ' ≥':>8}"]
         for p in self.front:
             value, low = ((p.agreement, p.agreement_interval[0]) if self.classifier else (p.cosine, p.cosine_low))
             spec_text = p.spec if len(p.spec) <= 33 else p.spec[:30] + "…"
             shown = f"{value:>7.1%} {low:>8.1%}" if self.classifier else f"{value:>7.4f} {low:>8.4f}"
             lines.append(f"{spec_text:<34} {p.source:<10} {p.speedup:>7.2f}x {p.speedup_low:>5.2f}x "
-                         f"{p.predicted_ms:>8.2f} {p.measured_ms:>8.2f} {p.loss:>8.4f} {shown}"
+                         f"{p.predicted_ms:>8.2f} {p.measured_ms:>8.2f} {p.images_per_s:>7.1f} {p.loss:>8.4f} {shown}"
                          + ("  ← chosen" if p.selected else ""))
         return "\n".join(lines)
 
@@ -465,6 +466,7 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
             points.append(FrontPoint(
                 spec=_r(drops), source=source, drops=list(drops), flops_ratio=_macs(unpruned, drops) / macs_full,
                 loss_tune=loss, predicted_ms=latency.predict(drops), measured_ms=measured[_r(drops)],
+                images_per_s=1000 * batch / measured[_r(drops)],
                 speedup=measured[unpruned_key] / measured[_r(drops)],
                 speedup_low=float(quartiles[unpruned_key][0] / quartiles[_r(drops)][1]),
                 slow_ms=float(quartiles[_r(drops)][1]), **metrics))

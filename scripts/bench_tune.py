@@ -104,8 +104,7 @@ def main() -> None:
                      f"{p['source']} | {p['speedup']:.2f}x | {p['speedup_low']:.2f}x | {p['predicted_ms']:.1f} | "
                      f"{p['measured_ms']:.1f} | "
                      f"{p['kl']:.4f} | {p['agreement']:.1%} | {p['agreement_interval'][0]:.1%} |")
-    lines += ["", f"τ {result.tau:g}, γ {result.gamma:g} (searched at early50); export: `{result.command(args.model)} "
-              "--weights random`",
+    lines += ["", f"τ {result.tau:g}, γ {result.gamma:g} (searched at early50); export: `{result.command(args.model)}`",
               f"Latency model: measured = {result.latency_fit['a']:.3f} × block sum + {result.latency_fit['b']:.2f} ms; "
               f"prediction error over the {len(errors)} finalists: median {statistics.median(errors):.1%}, "
               f"max {max(errors):.1%}.",

@@ -78,6 +78,7 @@ def test_the_front_is_non_dominated_and_holds_a_point_as_good_as_every_family(tu
     for p in front:
         low, high = p.agreement_interval
         assert low <= p.agreement <= high and 0 < p.flops_ratio <= 1
+        assert p.images_per_s == pytest.approx(1000 * QUICK["batch"] / p.measured_ms)
         assert se.KeepSchedule.parse(p.spec, 6, 100).drops == tuple(p.drops)  # export takes the r: form
     assert (output / "schedule.txt").read_text().strip() == result.closest.spec
     assert {path.name for path in result.files} >= {"front.json", "schedule.txt"}
