@@ -14,15 +14,20 @@ from saint_export.adapters import find_adapter
 QUICK = dict(backend="eager", probe=16, finalists=4, rounds=1, batch=8)
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """40 images of flat 16-px regions plus noise (SAINT finds similar tokens in them)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        image = np.kron(rng.random((4, 4, 3)), np.ones((40, 40, 1))) + 0.05 * rng.standard_normal((160, 160, 3))
+def flat_region_images(folder, count: int, size: int, seed: int):
+    """`count` images of 4 × 4 flat regions plus noise (SAINT finds similar tokens in them)."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        image = (np.kron(rng.random((4, 4, 3)), np.ones((size // 4, size // 4, 1)))
+                 + 0.05 * rng.standard_normal((size, size, 3)))
         Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """40 images of 160 px (the test ViT's size)."""
+    return flat_region_images(tmp_path_factory.mktemp("images"), 40, 160, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -202,13 +207,8 @@ def test_the_probe_runs_what_export_runs(kind):
 
 @pytest.fixture(scope="module")
 def small_images(tmp_path_factory):
-    """24 images of flat regions plus noise, at the tiny towers' 32 px."""
-    folder = tmp_path_factory.mktemp("small")
-    rng = np.random.default_rng(1)
-    for i in range(24):
-        image = np.kron(rng.random((4, 4, 3)), np.ones((16, 16, 1))) + 0.05 * rng.standard_normal((64, 64, 3))
-        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
-    return folder
+    """24 images of 64 px (the tiny towers resize them to 32)."""
+    return flat_region_images(tmp_path_factory.mktemp("small"), 24, 64, seed=1)
 
 
 def test_a_tower_is_tuned_on_feature_cosine_with_a_lower_bound(small_images, tmp_path):
