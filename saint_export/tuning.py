@@ -285,8 +285,8 @@ class LatencyModel:
     t(n) is the least-squares quadratic c0 + c1·n + c2·n² through the measured points (weighted by
     1/t: relative error), not their interpolation: linear layers grow with n and attention
     scores with n², and one point's noise on shared cores otherwise goes straight into every
-    schedule that runs near it (on vit_b16 the interpolated curve put the worst finalist 11–13%
-    off, the quadratic through the same points under 6%)."""
+    schedule that runs near it (scripts/bench_tune.py on vit_b16: the worst finalist 10.8% off
+    with the interpolated curve, 5.3% with the quadratic; README)."""
 
     def __init__(self, grid: list[int], block_ms: list[float], schedule: KeepSchedule):
         self.grid, self.block_ms, self.schedule = grid, block_ms, schedule
