@@ -118,25 +118,29 @@ def _model_class(config, source_name: str) -> type:
 def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn.Module:
     """The checkpoint's model: a tower, or LLaVA whose language model stays on the meta device
     (no memory, no weights): export needs only its vision tower and projector."""
-    from transformers import AutoModel
-
     config = _config(source_name)
     cls = _model_class(config, source_name)
     vision_config = getattr(config, "vision_config", config)
     if img_size not in (None, vision_config.image_size):
         raise InputError(f"image size {img_size}: {source_name} takes {vision_config.image_size} (its position "
                          "embeddings fix it)")
-    llava = config.model_type == "llava"
+    if config.model_type != "llava":
+        return cls.from_pretrained(source_name) if pretrained else cls(vision_config)
+    return vision_parts_only(cls, config, source_name, pretrained)
+
+
+def vision_parts_only(cls: type, config, source_name: str, pretrained: bool) -> torch.nn.Module:
+    """A LLaVA-style model (LLaVA, LLaVA-NeXT, OneVision) whose language model is on the meta
+    device (no memory, no weights), its tower and projector in fp32: all that exports need."""
+    from transformers import AutoModel
+
     if pretrained:
-        model = cls.from_pretrained(source_name, **({"dtype": "auto"} if llava else {}))
-        if llava:  # keep the exported parts in fp32 and free the language model
-            for part in compat.text_parts(model):
-                part.to("meta")
-            compat.vision_transformer(model).float()
-            compat.projector(model).float()
+        model = cls.from_pretrained(source_name, dtype="auto")
+        for part in compat.text_parts(model):  # free the language model
+            part.to("meta")
+        compat.vision_transformer(model).float()
+        compat.projector(model).float()
         return model
-    if not llava:
-        return cls(getattr(config, "vision_config", config))
     device = torch.get_default_device()
     with torch.device("meta"):
         model = cls(config)

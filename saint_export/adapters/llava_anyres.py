@@ -64,22 +64,7 @@ def create(source_name: str, pretrained: bool, img_size: int | None) -> torch.nn
     if img_size not in (None, config.vision_config.image_size):
         raise InputError(f"image size {img_size}: {source_name}'s crops are {config.vision_config.image_size} px "
                          "(its tower's position embeddings fix it)")
-    if pretrained:
-        model = cls.from_pretrained(source_name, dtype="auto")
-        for part in compat.text_parts(model):
-            part.to("meta")
-        compat.vision_transformer(model).float()
-        compat.projector(model).float()
-        return model
-    from transformers import AutoModel
-
-    device = torch.get_default_device()
-    with torch.device("meta"):
-        model = cls(config)
-    with torch.device(device):
-        compat.set_vision_tower(model, AutoModel.from_config(config.vision_config))
-        compat.set_projector(model, type(compat.projector(model))(config))
-    return model
+    return hf_vision.vision_parts_only(cls, config, source_name, pretrained)
 
 
 load_checkpoint = hf_vision.load_checkpoint
