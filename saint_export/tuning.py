@@ -46,7 +46,7 @@ import re
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -247,31 +247,30 @@ class Prober:
     def _chunks(self, fn, x):
         return torch.cat([fn(x[i:i + self.batch]) for i in range(0, len(x), self.batch)])
 
-    def _run_block(self, block: int, x: torch.Tensor, drop: int, hp=None) -> torch.Tensor:
+    def _run_block(self, block: int, x: torch.Tensor, drop: int) -> torch.Tensor:
         def select(keys):
-            if drop == 0:
-                return None
-            tau, vote_k, gamma = hp or self.hp
-            return core.similarity_topk(keys, self.p, drop, tau, vote_k, gamma)[0]
+            return None if drop == 0 else core.similarity_topk(keys, self.p, drop, *self.hp)[0]
 
         with torch.no_grad():
             return self._chunks(lambda h: self.parts.block_forward(self.parts.blocks[block], h, select), x)
 
-    def loss(self, drops: list, hp=None) -> float:
-        """The proxy for `drops` (with `hp`, default the prober's), re-running from the first block
-        that differs from the committed path (whose inputs hold for any hp while it drops nothing)."""
-        first = next((b for b in range(self.depth) if drops[b] != self.drops[b]), self.depth)
-        if hp is not None and any(self.drops):
-            raise ValueError("other hyper-parameters than the committed path's need an empty path")
+    def _first_change(self, drops) -> int:
+        return next((b for b in range(self.depth) if drops[b] != self.drops[b]), self.depth)
+
+    def loss(self, drops: list) -> float:
+        """The proxy for `drops` with the prober's (τ, K, γ) `hp`, re-running from the first block
+        that differs from the committed path. While that path drops nothing its cached inputs hold
+        for any hp, so tune may change `hp` between calls before it commits."""
+        first = self._first_change(drops)
         x = self.inputs[first]
         for block in range(first, self.depth):
-            x = self._run_block(block, x, drops[block], hp)
+            x = self._run_block(block, x, drops[block])
         with torch.no_grad():
             outputs = self._chunks(self.parts.head, x).float()
         return proxy_loss(outputs, self.reference, self.classifier)
 
     def commit(self, drops: list) -> None:
-        first = next((b for b in range(self.depth) if drops[b] != self.drops[b]), self.depth)
+        first = self._first_change(drops)
         self.drops = list(drops)
         for block in range(first, self.depth):
             self.inputs[block + 1] = self._run_block(block, self.inputs[block], drops[block])
@@ -289,7 +288,7 @@ class LatencyModel:
     with the interpolated curve, 5.3% with the quadratic; README)."""
 
     def __init__(self, grid: list[int], block_ms: list[float], schedule: KeepSchedule):
-        self.grid, self.block_ms, self.schedule = grid, block_ms, schedule
+        self.block_ms, self.schedule = block_ms, schedule
         degree = min(2, len(grid) - 1)
         self.curve = np.polyfit(grid, block_ms, degree, w=1 / np.asarray(block_ms))
         self.a, self.b = 1.0, 0.0
@@ -301,8 +300,7 @@ class LatencyModel:
 
     def blocks_ms(self, drops) -> float:
         s = self.schedule
-        counts = [n + s.num_protected for n in KeepSchedule(s.spec, s.depth, s.num_patches, tuple(drops),
-                                                             s.num_protected).patch_counts()]
+        counts = [n + s.num_protected for n in _with_drops(s, drops).patch_counts()]
         d, ratio = s.embed_dim, s.mlp_ratio
 
         def attention_share(n):
@@ -372,8 +370,8 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
     journal = Journal(output / JOURNAL if output else None, fingerprint)
 
     reference = _outputs(base, pixels, batch)
-    prober = Prober(adapter.probe_parts(base), pixels[probe_idx], reference[probe_idx], unpruned, None, batch,
-                    classifier)
+    parts = adapter.probe_parts(base)
+    prober = Prober(parts, pixels[probe_idx], reference[probe_idx], unpruned, None, batch, classifier)
 
     # 2. τ and γ (at early50), then the greedy path, and the families beside it
     middle = list(KeepSchedule.for_model("early50", info).drops)  # reachable on any model (half its tokens)
@@ -384,7 +382,8 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
         with progress.step("hyper-parameters", f"τ and γ at early50 ({len(grid)} pairs)", total=len(grid)) as advance:
             scored = []
             for i, (t, g) in enumerate(grid):
-                scored.append((journal.get(f"hp {t:g},{g:g}", lambda t=t, g=g: prober.loss(middle, (t, K, g))), i))
+                prober.hp = (t, K, g)
+                scored.append((journal.get(f"hp {t:g},{g:g}", lambda: prober.loss(middle)), i))
                 advance(i + 1)
         grid = [grid[min(scored)[1]]]  # the lowest; on a tie the earlier pair (the given or default values)
     tau, gamma = grid[0]
@@ -394,7 +393,6 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
     def loss_of(drops):
         return journal.get("loss " + ",".join(map(str, drops)), lambda: prober.loss(list(drops)))
 
-    counts = unpruned.patch_counts()
     path, sensitivity = [0] * info.depth, {}
     candidates[_r(path)] = ("unpruned", tuple(path), 0.0)
     deadline = None if budget_minutes is None else started + 60 * budget_minutes
@@ -449,7 +447,8 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
 
     # 3. latency: the block curve, whole-model measurements, the fit
     hp = (tau, K, gamma)
-    latency, timings = _measure(base, adapter, info, unpruned, picks, backend, batch, rounds, journal, progress, hp)
+    latency, timings = _measure(base, adapter, parts, info, unpruned, picks, backend, batch, rounds, journal,
+                                progress, hp)
     measured = {key: statistics.median(samples) for key, samples in timings.items()}
     fit = latency.fit({tuple(p[1]): measured[_r(p[1])] for p in picks})
     quartiles = {key: np.percentile(samples, [25, 75]) for key, samples in timings.items()}
@@ -481,7 +480,7 @@ def tune(model, images, objective: str, *, weights: str | None = None, backend: 
                         time.perf_counter() - started, tau=tau, gamma=gamma, K=K, classifier=classifier,
                         weights=weights, latency_fit=fit)
     if output is not None:
-        result.files = _write(output, result, points, sensitivity, counts, name)
+        result.files = _write(output, result, points, sensitivity, name)
     return result
 
 
@@ -494,9 +493,13 @@ def _r(drops) -> str:
     return "r:" + ",".join(map(str, drops))
 
 
+def _with_drops(unpruned: KeepSchedule, drops) -> KeepSchedule:
+    """The model's schedule with these static drops (for their token counts and MACs)."""
+    return replace(unpruned, drops=tuple(drops))
+
+
 def _macs(unpruned: KeepSchedule, drops) -> float:
-    s = unpruned
-    return KeepSchedule(s.spec, s.depth, s.num_patches, tuple(drops), s.num_protected, s.embed_dim, s.mlp_ratio).macs()
+    return _with_drops(unpruned, drops).macs()
 
 
 def _repaired(unpruned: KeepSchedule, drops, block: int, step: int) -> list | None:
@@ -603,7 +606,7 @@ def _outputs(model, pixels: torch.Tensor, batch: int) -> torch.Tensor:
         return torch.cat([module(pixels[i:i + batch]).float() for i in range(0, len(pixels), batch)])
 
 
-def _measure(base, adapter, info, unpruned, picks, backend, batch, rounds, journal, progress, hp):
+def _measure(base, adapter, parts, info, unpruned, picks, backend, batch, rounds, journal, progress, hp):
     """The block curve and every pick's whole-model timings (ms per batch of `batch`, 3 × `rounds`
     interleaved rounds, sorted)."""
     from .manifest import Manifest
@@ -613,7 +616,6 @@ def _measure(base, adapter, info, unpruned, picks, backend, batch, rounds, journ
     tau, K, gamma = hp
     tokens = unpruned.num_patches + unpruned.num_protected
     grid = sorted({max(unpruned.num_protected + 1, round(tokens * f)) for f in np.linspace(0.05, 1, 12)})
-    parts = adapter.probe_parts(base)
     with progress.step("latency", f"one block's latency on {backend} at {len(grid)} token counts"):
         block_ms = journal.get("block curve", lambda: _block_curve(parts, grid, info.embed_dim, backend, batch,
                                                                    rounds))
@@ -702,8 +704,8 @@ def _certify(base, pixels, reference, labels, drops, batch, hp, classifier) -> d
     from .patch import apply
 
     tau, K, gamma = hp
-    model = base if not any(drops) else apply(copy.deepcopy(base), _r(drops), tau=tau, K=K, gamma=gamma)
-    outputs = _outputs(model, pixels, batch)
+    outputs = reference if not any(drops) else _outputs(  # unpruned: the reference is its outputs
+        apply(copy.deepcopy(base), _r(drops), tau=tau, K=K, gamma=gamma), pixels, batch)
     cosines = feature_cosine(outputs, reference).numpy()
     z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
     spread = float(cosines.std(ddof=1)) if len(cosines) > 1 else 0.0
@@ -752,7 +754,7 @@ def _choose(front: list, goal: Objective):
     return chosen, chosen or min(front, key=lambda p: bound[id(p)])
 
 
-def _write(output: Path, result: TuneResult, measured_points: list, sensitivity: dict, counts, name) -> list:
+def _write(output: Path, result: TuneResult, measured_points: list, sensitivity: dict, name) -> list:
     files = [artifacts.write_json(output / FRONT_JSON, {
         "model": name, "objective": result.objective.text, "met": result.met, "backend": result.backend,
         "images": result.images, "seconds": round(result.seconds, 1), "latency_fit": result.latency_fit,
