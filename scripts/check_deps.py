@@ -42,7 +42,7 @@ WHEELS = Path("/opt/wheels")  # where this project's machines keep torch's CPU b
 
 # The tests that exercise each library's behaviour (its internals, its exporter, its runtime).
 TESTS = {
-    "transformers": ["tests/test_vlm.py", "tests/test_vlm_export.py", "tests/test_compat.py"],
+    "transformers": ["tests/test_vlm.py", "tests/test_vlm_export.py", "tests/test_compat.py", "tests/test_tune.py"],
     "timm": ["tests/test_dynamic_reference.py", "tests/test_onnx_parity.py", "tests/test_images.py",
              "tests/test_evaluate.py", "tests/test_pipeline.py"],
     "onnx": ["tests/test_operator.py", "tests/test_onnx_parity.py", "tests/test_precision.py",
