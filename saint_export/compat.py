@@ -406,19 +406,21 @@ def anyres_grid(model: torch.nn.Module, image_size) -> tuple[int, int]:
     return tuple(get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size))
 
 
-def anyres_token_counts(model: torch.nn.Module, image_sizes, batch_num_images=None) -> list[int]:
-    """The unpruned features per image (unpadded, with newlines): the processor's placeholder
-    count, from the model's own packing run on empty features."""
+def anyres_token_counts(model: torch.nn.Module, image_sizes, crops: list[int]) -> list[int]:
+    """The unpruned features per image of `crops` crops each (unpadded, with newlines): the
+    processor's placeholder count, from the model's own packing run on empty features."""
     import torch
 
     core = llava_core(model)
     config = core.config
     side = config.vision_config.image_size // config.vision_config.patch_size
-    empty = [torch.zeros(n, side * side, 1) for n in anyres_crops(model, image_sizes, batch_num_images)]
-    if config.model_type == "llava_onevision":
-        packed, lengths = core.pack_image_features(empty, image_sizes, image_newline=torch.zeros(1),
-                                                   vision_aspect_ratio=config.vision_aspect_ratio)
-    else:
-        packed, lengths = core.pack_image_features(empty, image_sizes, config.vision_feature_select_strategy,
-                                                   image_newline=torch.zeros(1))
+    with torch.device("cpu"):  # counts only: also for a model built on the meta device
+        image_sizes = torch.as_tensor(image_sizes, device="cpu")
+        empty = [torch.zeros(n, side * side, 1) for n in crops]
+        if config.model_type == "llava_onevision":
+            packed, lengths = core.pack_image_features(empty, image_sizes, image_newline=torch.zeros(1),
+                                                       vision_aspect_ratio=config.vision_aspect_ratio)
+        else:
+            packed, lengths = core.pack_image_features(empty, image_sizes, config.vision_feature_select_strategy,
+                                                       image_newline=torch.zeros(1))
     return lengths.tolist()

@@ -35,7 +35,7 @@ from . import compat, core
 from .errors import InputError
 from .schedule import ScheduleError, _early_drops
 from .spec import TOPK_LIMIT, drop_problem, max_drop
-from .vlm import column_index
+from .vlm import column_index, padding_side
 
 REFERENCE_LAYERS = (7, 16)  # of LLaVA-1.5-7B's 32 decoder layers
 OTHER_TOKENS = 36  # text and system tokens assumed beside the image for the prefill FLOPs ratio
@@ -201,6 +201,7 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
             if image is None or embeds is None or image.shape[1] != embeds.shape[1] or not bool(image.any()):
                 raise InputError("LLM-side SAINT needs image placeholders in input_ids: this prompt has no image span")
             st["drops"] = _row_drops(schedule, image.sum(1).tolist())
+            st["side"] = padding_side(model, st["mask2d"])
             st.update(stages=[], T=embeds.shape[1], image_now=image,
                       original=torch.arange(embeds.shape[1], device=embeds.device).expand(len(image), -1))
         return None
@@ -252,13 +253,14 @@ def install(model, schedule: LlmSchedule, tau: float, vote_k: int, gamma: float)
             state.trace.append((i, dropped[0], torch.stack(kept)) if even else (i, dropped, kept))
         if not any(dropped):
             return h
-        keep_mask = ~image
+        previous = stage["mask2d"] if stage is not None else st["mask2d"]
+        # Text stays, padding goes (the width becomes the longest real row), kept image tokens stay.
+        keep_mask = ~image if previous is None else ~image & previous.bool()
         for row, columns in enumerate(kept_image):
             keep_mask[row, columns] = True
-        previous = stage["mask2d"] if stage is not None else st["mask2d"]
         if previous is None and len(set(dropped)) > 1:  # rows now differ in length: padding needs a mask
             previous = torch.ones_like(image, dtype=torch.long)
-        index, pad = column_index(keep_mask, left=True)
+        index, pad = column_index(keep_mask, left=st["side"] == "left")
 
         def gather(x, fill=None):
             x = x.expand(len(h), *x.shape[1:])

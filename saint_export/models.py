@@ -51,7 +51,8 @@ def architecture(name: str, img_size: int | None = None) -> Architecture:
             raise unsupported(f"{name!r} ({type(model).__name__})")
         info = adapter.describe(model)
         if img_size is not None:
-            if img_size <= 0 or img_size % info.patch_size:
+            # Families with dynamic resolution (Qwen, anyres) check the size themselves (set_export_size).
+            if not hasattr(adapter, "set_export_size") and (img_size <= 0 or img_size % info.patch_size):
                 raise ModelError(f"image size {img_size} is not a positive multiple of the patch size "
                                  f"{info.patch_size} of {source_name}")
             model = adapter.create(source_name, pretrained=False, img_size=img_size)

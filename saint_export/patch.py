@@ -71,7 +71,7 @@ class TokenDropper:
 
 def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50", tau: float = core.TAU,
           K: int = core.VOTE_K, gamma: float = core.GAMMA, *, llm_schedule: str | None = None,
-          llm_tau: float | None = None) -> torch.nn.Module:
+          llm_tau: float | None = None, padding_side: str | None = None) -> torch.nn.Module:
     """Apply SAINT to `model` in place and return it.
 
     `keep_schedule` is a schedule string (docs/keep-schedules.md) or a resolved `KeepSchedule`,
@@ -80,9 +80,15 @@ def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50",
 
     `llm_schedule` (LLaVA only, docs/vlm.md) drops image tokens inside the language model during
     prefill, with τ = `llm_tau` (default: the reference's 0.83) and the same K and γ.
+
+    `padding_side` ("left" or "right"; a processor's `tokenizer.padding_side`) is where a VLM's
+    prompt rows are padded again once pruning removes columns; default: the side the prompt is
+    padded on, left for unpadded prompts (what `generate` needs).
     """
     if getattr(model, "saint", None) is not None:
         raise InputError("model already has SAINT applied; create a fresh model to change the schedule")
+    if padding_side not in (None, "left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     adapter = find_adapter(model)
     info = adapter.describe(model)
     check_hyperparameters(tau, K, gamma)
@@ -100,6 +106,8 @@ def apply(model: torch.nn.Module, keep_schedule: str | KeepSchedule = "early50",
         if hasattr(adapter, "llm_installed"):  # what the family adds inside its LLM (Qwen3-VL's DeepStack)
             adapter.llm_installed(model, llm_state)
     model.saint = state
+    if padding_side is not None:
+        model.saint_padding_side = padding_side
     return model
 
 
@@ -107,13 +115,19 @@ def make_droppers(schedule: KeepSchedule, tau: float, K: int, gamma: float) -> t
     """The state and the `TokenDropper` of every pruning block of a resolved schedule (also what
     the vLLM plugin runs inside vLLM's own tower)."""
     state = SaintState(schedule, float(tau), int(K), float(gamma))
+    return state, droppers_for(schedule, state)
+
+
+def droppers_for(schedule: KeepSchedule, state: SaintState) -> dict:
+    """The `TokenDropper` of every pruning block of `schedule`, sharing `state` (τ, K, γ, the trace):
+    families that resolve the schedule per image size make one set per size."""
     counts = schedule.patch_counts()
     droppers = {}
     for block in schedule.pruning_blocks:
         drop = None if schedule.drops is None else schedule.drops[block]
         tokens_in = None if drop is None else counts[block] + schedule.num_protected
         droppers[block] = TokenDropper(block, drop, tokens_in, state)
-    return state, droppers
+    return droppers
 
 
 @contextlib.contextmanager

@@ -157,10 +157,11 @@ class _Export:
             raise InputError("model already has SAINT applied; pass the unpatched model and choose the schedule "
                              "in ExportConfig.keep_schedule")
         adapter = find_adapter(model)
-        if self.config.img_size is not None and hasattr(adapter, "set_export_size"):  # dynamic resolution
+        dynamic = hasattr(adapter, "set_export_size")  # dynamic resolution: the image an export is made for
+        if self.config.img_size is not None and dynamic:
             adapter.set_export_size(model, self.config.img_size)
         info = adapter.describe(model)
-        if self.config.img_size not in (None, info.img_size):
+        if not dynamic and self.config.img_size not in (None, info.img_size):
             raise InputError(f"image size {self.config.img_size} differs from the loaded model's {info.img_size}")
         name = type(model).__name__
         return Architecture(name, name, adapter, info, sum(p.numel() for p in model.parameters())), model

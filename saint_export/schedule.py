@@ -53,10 +53,13 @@ class KeepSchedule:
 
     @classmethod
     def parse(cls, spec: str, depth: int, num_patches: int, *, num_protected: int = 1,
-              embed_dim: int | None = None, mlp_ratio: float | None = None) -> "KeepSchedule":
+              embed_dim: int | None = None, mlp_ratio: float | None = None,
+              early_target=None) -> "KeepSchedule":
         """Resolve `spec` for a model with `depth` blocks and `num_patches` patch tokens.
 
-        Pass `embed_dim` and `mlp_ratio` (or use `for_model`) to get the FLOPs ratio."""
+        Pass `embed_dim` and `mlp_ratio` (or use `for_model`) to get the FLOPs ratio.
+        `early_target(P)` is the patch count `early<P>` brings the tokens to (default round(P% ·
+        num_patches); LLaVA-NeXT scales it to what the unpruned model feeds the language model)."""
         if depth < 1 or num_patches < 1:
             raise ScheduleError(f"need depth ≥ 1 and num_patches ≥ 1, got {depth} and {num_patches}")
         kind, arg = parse_spec(spec)
@@ -69,7 +72,8 @@ class KeepSchedule:
             drops = None
         elif kind == "early":
             percent, blocks = arg
-            drops = _early_drops(spec, percent, depth // 2 if blocks is None else blocks, depth, num_patches)
+            target = None if early_target is None else early_target(percent)
+            drops = _early_drops(spec, percent, depth // 2 if blocks is None else blocks, depth, num_patches, target)
         elif kind == "r":
             drops = arg
         else:
@@ -93,7 +97,8 @@ class KeepSchedule:
             return dataclasses.replace(spec, num_protected=info.num_protected, embed_dim=info.embed_dim,
                                        mlp_ratio=info.mlp_ratio, spans=info.spans)
         return dataclasses.replace(cls.parse(spec, info.depth, info.num_patches, num_protected=info.num_protected,
-                                             embed_dim=info.embed_dim, mlp_ratio=info.mlp_ratio), spans=info.spans)
+                                             embed_dim=info.embed_dim, mlp_ratio=info.mlp_ratio,
+                                             early_target=info.early_target), spans=info.spans)
 
     @property
     def is_static(self) -> bool:
@@ -108,6 +113,15 @@ class KeepSchedule:
         if self.drops is None:
             return list(range(self.depth // 2))
         return [i for i, r in enumerate(self.drops) if r > 0]
+
+    @property
+    def blocks_at_any_size(self) -> list[int]:
+        """The blocks this schedule may prune when resolved for another token count (images of
+        another size): an `early` schedule's whole stage, else its pruning blocks."""
+        kind, arg = parse_spec(self.spec)
+        if kind == "early":
+            return list(range(self.depth // 2 if arg[1] is None else arg[1]))
+        return self.pruning_blocks
 
     def patch_counts(self) -> list[int]:
         """Patch tokens entering each block, plus the count after the last block."""
@@ -207,12 +221,13 @@ def parse_spec(spec: str):
         "r:<r0>,<r1>,…, calib:<file.json> or degree<N>@<L>[/<r0>]")
 
 
-def _early_drops(text, percent, stage, depth, num_patches):
+def _early_drops(text, percent, stage, depth, num_patches, target=None):
     if stage > depth:
         raise ScheduleError(f"keep schedule {text!r}: the stage has {stage} blocks but the model has {depth}")
     if stage == 0:
         raise ScheduleError(f"keep schedule {text!r}: a {depth}-block model has no early stage; use early<P>@<B>")
-    target = math.floor(percent / 100 * num_patches + 0.5)
+    if target is None:
+        target = math.floor(percent / 100 * num_patches + 0.5)
     if target < 1:
         raise ScheduleError(f"keep schedule {text!r}: keeps {target} of {num_patches} patches; "
                             "at least one patch token must remain")

@@ -21,10 +21,10 @@ from .errors import InputError
 
 @torch.no_grad()
 def fit_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: int, image_token: int,
-               original: int, kept: int, pad_token: int) -> list:
+               original: int, kept: int, pad_token: int, side: str = "left") -> list:
     """Cut each image's `original` placeholders to its first `kept` when the prompt holds
     `original` per image; leave a prompt with `kept` per image alone. Returns ids and mask, padded
-    again on the side the input was padded on."""
+    again on `side` (`padding_side`)."""
     is_image = input_ids == image_token
     total = int(is_image.sum())
     if total == images * kept:
@@ -36,18 +36,38 @@ def fit_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, ima
     # written in order); the first `kept` of each image stay.
     rank = is_image.cumsum(1) - 1
     keep = ~is_image | (rank % original < kept)
-    left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any())
-    return repack(keep, [(input_ids, pad_token), (attention_mask, 0)], left)
+    return repack(keep, [(input_ids, pad_token), (attention_mask, 0)], side)
 
 
-def repack(keep: torch.Tensor, columns: list, left: bool) -> list:
+def padding_side(model, attention_mask: torch.Tensor | None) -> str:
+    """The one rule for the side rows are padded on again once SAINT has removed columns: the side
+    the caller stated (`apply(..., padding_side=…)`, e.g. the processor's tokenizer.padding_side),
+    else the side the prompt is padded on, else left (generate continues from every row's last
+    column, so rows that lose different counts must end together)."""
+    stated = getattr(model, "saint_padding_side", None)
+    if stated is not None:
+        return stated
+    if attention_mask is None:
+        return "left"
+    padding = attention_mask == 0
+    left, right = bool(padding[:, 0].any()), bool(padding[:, -1].any())
+    if left and right:
+        raise InputError("the prompt rows are padded on both sides; pad them on one (left for generate), or pass "
+                         "padding_side to saint_export.apply")
+    return "right" if right else "left"
+
+
+def repack(keep: torch.Tensor, columns: list, side: str) -> list:
     """Keep the columns `keep` [B, T] marks in each row of each (tensor [..., B, T], pad value) of
-    `columns` (None passes through), padded again to the longest row on the left or the right.
-    When rows end up of different lengths and there is no mask (the second item), one is made."""
-    if columns[1][0] is None and bool((keep.sum(1) != keep.sum(1).max()).any()):
+    `columns` (None passes through), padded again on `side` to the longest row. The second item is
+    the attention mask: its padding goes too (the width is the longest real row), and when rows end
+    up of different lengths without one, one is made."""
+    mask = columns[1][0]
+    if mask is not None:
+        keep = keep & mask.bool()
+    elif bool((keep.sum(1) != keep.sum(1).max()).any()):
         columns = [columns[0], (torch.ones_like(keep, dtype=torch.long), 0), *columns[2:]]
-        left = True
-    index, pad = column_index(keep, left)
+    index, pad = column_index(keep, side == "left")
     out = []
     for tensor, value in columns:
         if tensor is None:
@@ -84,7 +104,8 @@ def install(model, original: int, kept: int) -> None:
         ids = kwargs.get("input_ids")
         if ids is None or ids.shape[1] == 1:
             return None  # decoding steps, features passed in
-        new_ids, new_mask = fit(ids, kwargs.get("attention_mask"), len(kwargs["pixel_values"]))
+        mask = kwargs.get("attention_mask")
+        new_ids, new_mask = fit(ids, mask, len(kwargs["pixel_values"]), side=padding_side(model, mask))
         if new_ids is ids:
             return None
         if kwargs.get("position_ids") is not None or kwargs.get("labels") is not None:

@@ -104,7 +104,7 @@ def test_pruned_crops_equal_a_restatement_and_pack_in_stitched_grid_order(family
     model = se.apply(ta.build(family), "r:12,8", tau=0.5)
     got = llava_anyres.image_features(model, x["pixel_values"], x["image_sizes"])
     features, index = crop_reference(ta.build(family), crops_of(x), (12, 8), 0.5)
-    assert features.shape[1] == 64 - 20 and model.saint_crop_tokens == 44
+    assert features.shape[1] == 64 - 20 and [len(g) for g in got] == [3 * 44, 5 * 44]  # r: is fixed per crop
     for image, (first, n, cols) in enumerate([(0, 3, 2), (3, 5, 2)]):
         base, high = features[first], features[first + 1:first + n]
         where = index[first + 1:first + n]
@@ -139,7 +139,8 @@ def test_vit_only_usual_prompts_equal_kept_count_prompts_in_forward_and_generate
     x = ta.inputs(family)
     model = se.apply(ta.build(family), "early50")
     packed = llava_anyres.image_features(model, x["pixel_values"], x["image_sizes"])
-    assert [len(p) for p in packed] == [3 * 32, 5 * 32]
+    # round(50% of the 166 and 336 tokens the unpruned model feeds the LLM), over 3 and 5 crops
+    assert [len(p) for p in packed] == [3 * (83 // 3), 5 * (168 // 5)]
     # The same prompts written with K × crops placeholders per image, the features passed in, to
     # the unpatched model: transformers' own path, nothing cut.
     base = ta.build(family)
@@ -268,8 +269,9 @@ def test_generation_is_deterministic_and_caches_have_the_scheduled_lengths(famil
     first = generate(model, x, do_sample=False)
     assert torch.equal(first.sequences, generate(model, x, do_sample=False).sequences)
     full = [int(n) for n in (x["input_ids"] == ta.IMAGE).sum(1)]
-    per_row = full if tower == "none" else [3 * 32, 5 * 32][2 - rows:]  # image tokens reaching the LLM
-    prompt = [x["input_ids"].shape[1] - (n - k) for n, k in zip(full, per_row)]  # padding stays
+    per_row = full if tower == "none" else [3 * 27, 5 * 33][2 - rows:]  # image tokens reaching the LLM
+    # each row's real tokens (padding columns go): every layer's width is the longest real row
+    prompt = [int(m.sum()) - (n - k) for m, n, k in zip(x["attention_mask"], full, per_row)]
     counts = [LlmSchedule.parse("span50@1-2", 4, n).counts() for n in per_row]
     steps = first.sequences.shape[1] - x["input_ids"].shape[1] - 1  # the last token is not cached
     expected = [max(p - (n - c[i]) for p, n, c in zip(prompt, per_row, counts)) + steps for i in range(4)]
@@ -312,21 +314,25 @@ def test_export_passes_the_gate_at_batch_1_and_3_with_patch_positions(family, tm
     import onnxruntime as ort
 
     model = ta.build(family)
-    config = se.ExportConfig(keep_schedule="early50", target="onnx", batch=(1, 3, 4), parity_images=4)
+    # Resolved for a 60 × 60 image (5 crops, 336 tokens unpruned): round(50% · 336) // 5 = 33 per crop.
+    config = se.ExportConfig(keep_schedule="early50", target="onnx", batch=(1, 3, 5), parity_images=4, img_size=60)
     result = se.export(model, tmp_path / "f", config)
     assert result.parity.passed and result.parity.batch_sizes == [1, 3]
     assert result.parity.extra_outputs == {"image_positions": {"compared": 8, "equal": 8}}
     features = se.Manifest.read(tmp_path / "f").features
-    assert features["tokens_per_crop"] == 32 and features["unpruned_tokens_per_crop"] == 64
+    assert features["tokens_per_crop"] == 33 and features["unpruned_tokens_per_crop"] == 64
+    assert features["resolved_for"] == {"image_size": [60, 60], "crops": 5, "unpruned_tokens": 336, "tokens": 165}
+    assert features["budget_rule"] == llava_anyres.BUDGET_RULE
     assert features["packing"]["newline"] == "none" and features["packing"]["unpad"] == "not applied"
-    assert features["extra_outputs"] == [{"name": "image_positions", "shape": ["batch", 32], "dtype": "int64"}]
+    assert features["extra_outputs"] == [{"name": "image_positions", "shape": ["batch", 33], "dtype": "int64"}]
     x = ta.inputs(family)
-    crops = crops_of(x)
     session = ort.InferenceSession(str(tmp_path / "f" / "model.onnx"), providers=["CPUExecutionProvider"])
-    got, positions = session.run(None, {"pixel_values": crops.numpy()})
-    packed = llava_anyres.image_features(model, x["pixel_values"], x["image_sizes"])
-    assert np.abs(got[0] - packed[0][:32].numpy()).max() < 1e-5  # the base crop leads the packed image
-    assert positions.shape == (8, 32) and (np.diff(positions, axis=1) > 0).all() and positions.max() < 64
+    got, positions = session.run(None, {"pixel_values": x["pixel_values"][1].numpy()})  # the 60 × 60 image
+    assert positions.shape == (5, 33) and (np.diff(positions, axis=1) > 0).all() and positions.max() < 64
+    # The graph's crops packed as the manifest says are what the eager model feeds its LLM.
+    packed = llava_anyres.image_features(model, x["pixel_values"], x["image_sizes"])[1]
+    handed_off = llava_anyres._pack(model, torch.from_numpy(got), torch.from_numpy(positions), [60, 60], 0)
+    assert packed.shape == (165, 48) and torch.allclose(handed_off, packed, atol=1e-5, rtol=0)
 
 
 def test_aliases_resolve_offline():
@@ -341,4 +347,10 @@ def test_aliases_resolve_offline():
         assert arch.source_name == repo and arch.adapter is llava_anyres
         assert arch.info.num_patches == tokens  # features per crop
         assert params[0] < arch.num_params < params[1], arch.num_params
-        assert sum(se.resolve_schedule("early50", alias).drops) == tokens - int(tokens / 2 + 0.5)
+    # early50 of a square image of one crop's size, and of a 1920 × 1920 photo (crops, unpruned count):
+    # NeXT 336 px: 3 crops, 1176 → 588 // 3 = 196 per crop; 1920 px: 5 crops, 2928 → 1464 // 5 = 292.
+    # OneVision 384 px: 2 crops, 1485 → 742 // 2 = 371; 1920 px: 26 crops, 7209 → 3604 // 26 = 138.
+    for alias, size, kept in [("llava-v1.6-mistral-7b", None, 196), ("llava-v1.6-mistral-7b", 1920, 292),
+                              ("llava-onevision-qwen2-0.5b", None, 371), ("llava-onevision-qwen2-0.5b", 1920, 138)]:
+        schedule = se.resolve_schedule("early50", alias, size)
+        assert schedule.num_patches - sum(schedule.drops) == kept, (alias, size)

@@ -356,7 +356,8 @@ def test_generation_is_deterministic_and_caches_have_the_scheduled_lengths(famil
     assert torch.equal(first.sequences, generate(model, x, do_sample=False).sequences)
     full = [16, 15][:rows]
     per_row = full if tower == "none" else [8, 8][:rows]  # image tokens reaching the LLM
-    prompt = [x["input_ids"].shape[1] - (n - k) for n, k in zip(full, per_row)]  # padding stays
+    # each row's real tokens (padding columns go): every layer's width is the longest real row
+    prompt = [int(m.sum()) - (n - k) for m, n, k in zip(x["attention_mask"], full, per_row)]
     counts = [LlmSchedule.parse("span50@1-2", 4, n).counts() for n in per_row]
     steps = first.sequences.shape[1] - x["input_ids"].shape[1] - 1  # the last token is not cached
     expected = [max(p - (n - c[i]) for p, n, c in zip(prompt, per_row, counts)) + steps for i in range(4)]
@@ -452,7 +453,8 @@ def test_aliases_resolve_offline_and_bad_export_sizes_get_one_line():
     assert arch.source_name == "Qwen/Qwen3-VL-8B-Instruct" and arch.info.num_patches == 14 * 14
     assert arch.info.depth == 27 and arch.info.spans == (1,) * 27 and 570e6 < arch.num_params < 580e6
     assert sum(se.resolve_schedule("early50", "qwen3-vl-8b").drops) == 196 - 98
-    with pytest.raises(se.InputError, match="image size 100 is not a positive multiple of the patch size 28 of Qwen"):
+    with pytest.raises(se.InputError, match=r"^image size 100: Qwen-VL images are multiples of 28 px \(a 2 × 2 group of "
+                                            r"14-px patches\)$"):
         architecture("qwen2.5-vl-3b", 100)
     with pytest.raises(se.InputError, match="image size 100: Qwen-VL images are multiples of 28 px"):
         se.export(tq.build(), "/nonexistent/never-written", se.ExportConfig(img_size=100, **ONNX_ONLY))
@@ -484,6 +486,6 @@ def test_cli_exports_a_local_checkpoint_folder_in_hybrid_mode(family, tmp_path, 
     assert "image_positions" in out
     code, out, err = run(capsys, str(folder), "-s", "early50", "--img-size", "100", "-o", str(tmp_path / "bad"),
                          "--target", "onnx")
-    assert code == 2 and only_error_line(err) == ("saint-export: error: image size 100 is not a positive multiple of "
-                                                  f"the patch size 28 of {folder}")
+    assert code == 2 and only_error_line(err) == ("saint-export: error: image size 100: Qwen-VL images are multiples "
+                                                  "of 28 px (a 2 × 2 group of 14-px patches)")
     assert not (tmp_path / "bad").exists()

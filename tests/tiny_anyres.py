@@ -12,7 +12,7 @@ from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, Ll
 IMAGE, PAD = 100, 0
 FAMILIES = ("llava-next", "llava-onevision")
 SIZES = ((30, 70), (60, 60))  # (H, W): best grids 32 × 64 (1 × 2 crops) and 64 × 64 (2 × 2 crops)
-TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=2, image_size=32,
              patch_size=4)  # 8 × 8 = 64 patches per crop
 TEXT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, pad_token_id=PAD)

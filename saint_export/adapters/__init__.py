@@ -49,6 +49,9 @@ class ModelInfo:
     # For the FLOPs ratio where the schedule's blocks are only some of the model's (Qwen2.5-VL's
     # full-attention blocks): how many blocks each stands for, itself and those since the previous.
     spans: tuple[int, ...] | None = None
+    # The patch count `early<P>` brings the tokens to, as a function of P (None: round(P% ·
+    # num_patches)); LLaVA-NeXT/OneVision scale it to what the unpruned model feeds the LLM.
+    early_target: Callable[[float], int] | None = None
 
 
 class ProbeParts(NamedTuple):

@@ -243,7 +243,9 @@ def _head_mean(layer, keys: torch.Tensor) -> torch.Tensor:
 
 
 def _select(layer, hidden_states: torch.Tensor) -> torch.Tensor:
-    keep_index = layer.saint_dropper(_head_mean(layer, layer.saint_keys.pop()))  # keys from the hook
+    keys = layer.saint_keys.pop()  # from the hook
+    # No dropper: a block that images of this size do not prune at (LLaVA-NeXT's per-size budgets)
+    keep_index = None if layer.saint_dropper is None else layer.saint_dropper(_head_mean(layer, keys))
     # The survivors, ascending (for ImageFeatures.track_positions: where each token came from).
     layer.saint_kept = None if keep_index is None else keep_index.sort(dim=1).values
     return hidden_states if layer.saint_kept is None else gather_tokens(hidden_states, layer.saint_kept)
@@ -302,10 +304,13 @@ class ImageFeatures(torch.nn.Module):
     last_hidden_state [B, K, D], or image_embeds [B, D] for a projection variant.
 
     With `track_positions` (LLaVA-style models only) it also returns each feature's patch index in
-    the image's raster order, [B, K] int64 (what LLaVA-NeXT needs to stitch crops)."""
+    the image's raster order, [B, K] int64 (what LLaVA-NeXT needs to stitch crops). `droppers`
+    (layer index → TokenDropper) are put into the pruning layers before each forward: LLaVA-NeXT's
+    budget depends on the image size, so one set of layers serves several."""
 
-    def __init__(self, model: torch.nn.Module, track_positions: bool = False):
+    def __init__(self, model: torch.nn.Module, track_positions: bool = False, droppers: dict | None = None):
         super().__init__()
+        self.droppers = droppers
         self.saint = getattr(model, "saint", None)  # the same state: the parity gate records selections
         self.track_positions = track_positions
         self.llava = is_llava(model)
@@ -324,7 +329,9 @@ class ImageFeatures(torch.nn.Module):
             return getattr(self.model(pixel_values=pixel_values), self.output)
         hidden = self.stem(pixel_values)
         alive = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
+            if self.droppers is not None and hasattr(layer, "saint_dropper"):
+                layer.saint_dropper = self.droppers.get(index)
             layer.saint_kept = None
             hidden = layer(hidden, None)
             if self.track_positions and layer.saint_kept is not None:

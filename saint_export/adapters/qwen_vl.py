@@ -285,7 +285,7 @@ def fit_inputs(model, kwargs: dict) -> dict:
     pruned tower: its features given as `mm_encoder_outputs`, the dropped placeholders removed from
     input_ids / attention_mask / mm_token_type_ids, and `position_ids` [4, B, T'] (text positions,
     then t/h/w) holding the unpruned prompt's M-RoPE positions at the columns that stay."""
-    from ..vlm import repack
+    from ..vlm import padding_side, repack
 
     config = compat.qwen_core(model).config
     family = _family(config)
@@ -316,8 +316,8 @@ def fit_inputs(model, kwargs: dict) -> dict:
             keep[row, slots[start + kept[image]]] = True
             start += per_image[image]
             image += 1
-    left = mask is not None and bool((mask[:, 0] == 0).any())
-    ids, mask, mm_types, positions = repack(keep, [(ids, 0), (mask, 0), (mm_types, 0), (positions, 1)], left)
+    ids, mask, mm_types, positions = repack(keep, [(ids, 0), (mask, 0), (mm_types, 0), (positions, 1)],
+                                            padding_side(model, mask))
     valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
     text = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
     # What decoding adds to the cache length (transformers' rope_deltas): the next position is
