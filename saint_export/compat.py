@@ -323,11 +323,11 @@ def qwen_patch_embed(visual: torch.nn.Module, patches: torch.Tensor, taps) -> to
 
 
 def qwen_vision_attention(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                          attend) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention residual of Qwen2_5_VLVisionBlock on a batch of equally long images,
-    x [B, N, width], with `allowed` [B, 1, N, N] (None: every token sees every token) in place of
-    cu_seqlens. Also returns the keys before rotary embedding, averaged over heads: [B, N, d]."""
-    import torch.nn.functional as F
+    x [B, N, width], with `attend(q, k, v, scale)` → [B, heads, N, d] (q, k, v [B, heads, N, d],
+    rotary applied) in place of the attention over cu_seqlens. Also returns the keys before rotary
+    embedding, averaged over heads: [B, N, d]."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision  # = Qwen3-VL's
 
     attn = block.attn
@@ -335,8 +335,7 @@ def qwen_vision_attention(block: torch.nn.Module, x: torch.Tensor, cos: torch.Te
     q, k, v = attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, -1).unbind(2)
     keys = k.mean(2)
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # [B, N, heads, d]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=allowed, scale=attn.scaling)
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn.scaling)
     return x + attn.proj(out.transpose(1, 2).reshape(batch, tokens, width)), keys
 
 
@@ -362,10 +361,17 @@ def qwen_wrap_deepstack(model: torch.nn.Module, select) -> None:
     text_model._deepstack_process = deepstack_process
 
 
-def qwen_rope_index(model: torch.nn.Module, input_ids, mm_token_type_ids, image_grid_thw, attention_mask):
-    """transformers' M-RoPE positions of an unpruned prompt: ([3, B, T], deltas [B, 1])."""
+def qwen_rope_index(model: torch.nn.Module, input_ids, mm_token_type_ids, image_grid_thw, attention_mask,
+                    **videos):
+    """transformers' M-RoPE positions of an unpruned prompt: ([3, B, T], deltas [B, 1]). `videos`:
+    video_grid_thw, and Qwen2.5-VL's second_per_grid_ts."""
     return qwen_core(model).get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
-                                           attention_mask=attention_mask)
+                                           attention_mask=attention_mask, **videos)
+
+
+def qwen_video_features(model: torch.nn.Module, pixel_values_videos, video_grid_thw):
+    """transformers' own (unpruned) video features, as the forward's `mm_encoder_outputs` takes them."""
+    return qwen_core(model).get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
 
 
 def qwen_set_rope_deltas(model: torch.nn.Module, deltas: torch.Tensor) -> None:
@@ -373,15 +379,16 @@ def qwen_set_rope_deltas(model: torch.nn.Module, deltas: torch.Tensor) -> None:
     qwen_core(model).rope_deltas = deltas
 
 
-def image_features_output(features: list, deepstack: list = ()) -> dict:
+def image_features_output(features: list, deepstack: list = (), video=None) -> dict:
     """Image features per image (and Qwen3-VL's DeepStack features, per layer and image) as the
-    forward's `mm_encoder_outputs` (5.24) takes them."""
+    forward's `mm_encoder_outputs` (5.24) takes them, with `video` (qwen_video_features) beside
+    them: transformers refuses video pixel values next to encoder outputs."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     output = BaseModelOutputWithPooling(pooler_output=tuple(features))
     if deepstack:
         output["deepstack_features"] = [tuple(layer) for layer in deepstack]
-    return {"mm_encoder_outputs": {"image": output}}
+    return {"mm_encoder_outputs": {"image": output, **({"video": video} if video is not None else {})}}
 
 
 # --- transformers: LLaVA-NeXT and LLaVA-OneVision's anyres crops (5.24) ----------------------------

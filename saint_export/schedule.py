@@ -50,6 +50,10 @@ class KeepSchedule:
     # Blocks of the model each schedule block stands for (ModelInfo.spans; None: one each). Those
     # before a pruning block run on its tokens in; only the FLOPs ratio reads this.
     spans: tuple[int, ...] | None = None
+    # For the FLOPs ratio of towers that prune in units (Qwen's 2 × 2 merge groups: 4 tokens) and
+    # attend within windows between their pruning blocks (ModelInfo.unit_tokens, .window_tokens).
+    unit_tokens: int = 1
+    window_tokens: int | None = None
 
     @classmethod
     def parse(cls, spec: str, depth: int, num_patches: int, *, num_protected: int = 1,
@@ -95,10 +99,12 @@ class KeepSchedule:
                                     f"{spec.num_patches} patches, but the model has depth {info.depth} and "
                                     f"{info.num_patches} patches")
             return dataclasses.replace(spec, num_protected=info.num_protected, embed_dim=info.embed_dim,
-                                       mlp_ratio=info.mlp_ratio, spans=info.spans)
+                                       mlp_ratio=info.mlp_ratio, spans=info.spans, unit_tokens=info.unit_tokens,
+                                       window_tokens=info.window_tokens)
         return dataclasses.replace(cls.parse(spec, info.depth, info.num_patches, num_protected=info.num_protected,
                                              embed_dim=info.embed_dim, mlp_ratio=info.mlp_ratio,
-                                             early_target=info.early_target), spans=info.spans)
+                                             early_target=info.early_target), spans=info.spans,
+                                   unit_tokens=info.unit_tokens, window_tokens=info.window_tokens)
 
     @property
     def is_static(self) -> bool:
@@ -138,13 +144,14 @@ class KeepSchedule:
                                 "with KeepSchedule.for_model or saint_export.resolve_schedule")
         counts = self.patch_counts()
         spans = self.spans or (1,) * self.depth
-        return sum((span - 1) * _block_macs(counts[i], counts[i], self) + _block_macs(counts[i], counts[i + 1], self)
-                   for i, span in enumerate(spans))
+        # The blocks a pruning block stands for run on its tokens in, within windows where the model
+        # has them; the pruning block itself attends fully.
+        return sum((span - 1) * _block_macs(counts[i], counts[i], self, windowed=True)
+                   + _block_macs(counts[i], counts[i + 1], self, windowed=False) for i, span in enumerate(spans))
 
     def flops_ratio(self) -> float:
         """Transformer-block MACs of this schedule over the unpruned model's (static only)."""
-        blocks = sum(self.spans) if self.spans else self.depth
-        return self.macs() / (blocks * _block_macs(self.num_patches, self.num_patches, self))
+        return self.macs() / dataclasses.replace(self, drops=(0,) * self.depth).macs()
 
     def table(self) -> str:
         """The per-block table: block, tokens in, dropped, tokens out."""
@@ -335,9 +342,16 @@ def _read_calibration(path: Path, depth: int, num_patches: int):
     return drops
 
 
-def _block_macs(patches_in: int, patches_out: int, s: KeepSchedule) -> float:
-    """MACs of one pre-norm block: attention on the tokens in, MLP on the tokens kept."""
-    n_in, n_out, c = patches_in + s.num_protected, patches_out + s.num_protected, s.embed_dim
-    attention = 4 * n_in * c * c + 2 * n_in * n_in * c  # qkv + proj, QKᵀ + AV
+def _block_macs(patches_in: int, patches_out: int, s: KeepSchedule, windowed: bool) -> float:
+    """MACs of one pre-norm block: attention on the tokens in, MLP on the tokens kept. Windowed
+    attention counts each token against a window's worth of keys, thinned in proportion to the
+    tokens left (survivors spread over the windows), as per-window attention costs."""
+    unit = s.unit_tokens
+    n_in, n_out, c = (patches_in + s.num_protected) * unit, (patches_out + s.num_protected) * unit, s.embed_dim
+    attended = n_in
+    if windowed and s.window_tokens is not None:
+        unpruned = (s.num_patches + s.num_protected) * unit
+        attended = min(s.window_tokens, unpruned) * n_in / unpruned
+    attention = 4 * n_in * c * c + 2 * n_in * attended * c  # qkv + proj, QKᵀ + AV
     mlp = 2 * n_out * c * int(c * s.mlp_ratio)
     return attention + mlp

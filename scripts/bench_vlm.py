@@ -25,6 +25,19 @@ config: 32 blocks, windowed except 7/15/23/31) and a Qwen2 language model of --t
 before and 20 after. Modes: unpruned, ViT-only early50 (groups dropped after blocks 7 and 15),
 LLM-only and hybrid with span50. The tower's ideal counts patches (windowed attention within
 its 64-patch windows) and the merger. Writes bench_vlm_qwen.json and .md.
+
+--sizes: the sizes users feed these models, unpruned against early50 (and early25), with the peak
+memory each run adds (the process's high-water mark, reset before each run):
+- qwen2.5-vl: the tower alone (Qwen2.5-VL-3B's, full size) on square images of 448, 896 and 1344
+  px: transformers' own tower unpruned, SAINT's pruned tower (windows attended per window over the
+  survivors), both with the merger. Ideal: the tower blocks' MACs (KeepSchedule.flops_ratio:
+  patches, windowed and full attention). Writes bench_vlm_qwen_sizes.json and .md.
+- llava-onevision / llava-next: prefill (tower on every crop, projector, language model) of the
+  shipped 0.5B OneVision (its 24 × 896 language model unless --text-layers/--text-hidden say
+  otherwise) or LLaVA-NeXT-Mistral's tower with a Mistral-shaped --text-layers × --text-hidden
+  language model, on photos of 640 × 480, 1920 × 1080 and 4000 × 3000; the image tokens the
+  language model gets beside the unpruned count. Ideal: MACs of the crops' tower blocks, the
+  projector and the decoder layers. Writes bench_vlm_<family>_sizes.json and .md.
 """
 from __future__ import annotations
 
@@ -124,29 +137,19 @@ def ideal_macs(model, keep: str, llm: str | None, prompt_len: int, new_tokens: i
 
 
 def qwen_ideal_macs(model, keep: str, llm: str | None, prompt_len: int, new_tokens: int) -> tuple[float, float]:
-    """The same for Qwen2.5-VL, its tower counted in patches: each block's attention projections
-    and window (or full) attention on the patches it holds, its SwiGLU MLP on those it keeps, then
-    the merger on the kept groups."""
+    """The same for Qwen2.5-VL: its tower's blocks as KeepSchedule counts them (patches, windowed
+    and full attention), then the merger on the kept groups."""
     from saint_export.llm import LlmSchedule
 
     vision = model.config.vision_config
     schedule = se.resolve_schedule(keep, model)
-    counts = schedule.patch_counts()  # merge groups entering each pruning point, then after the last
-    c, i, window = vision.hidden_size, vision.intermediate_size, (vision.window_size // vision.patch_size) ** 2
-    tower, point = 0.0, 0
-    for block in range(vision.depth):
-        full = block in vision.fullatt_block_indexes
-        patches_in = 4 * counts[point]
-        patches_out = 4 * counts[point + 1] if full else patches_in
-        seen = patches_in if full else min(window, patches_in)
-        tower += 4 * patches_in * c * c + 2 * patches_in * seen * c + 3 * patches_out * c * i
-        point += full
-    kept = counts[-1]
+    c = vision.hidden_size
+    kept = schedule.patch_counts()[-1]
     merger = kept * (16 * c * c + 4 * c * vision.out_hidden_size)
     layers = model.config.text_config.num_hidden_layers
     image = LlmSchedule.parse(llm, layers, kept).counts()[:layers] if llm else [kept] * layers
     prefill, decode = decoder_macs(model.config.text_config, image, prompt_len - schedule.num_patches, new_tokens)
-    return tower + merger + prefill, tower + merger + prefill + decode
+    return schedule.macs() + merger + prefill, schedule.macs() + merger + prefill + decode
 
 
 def llava_inputs():
@@ -168,16 +171,174 @@ def qwen_inputs(model):
             "pixel_values": patchify(image, config.vision_config)[0], "image_grid_thw": torch.tensor([[1, 32, 32]])}
 
 
+# --- --sizes ------------------------------------------------------------------------------------
+
+QWEN_SIZES = (448, 896, 1344)
+PHOTOS = ((480, 640), (1080, 1920), (3000, 4000))  # (height, width)
+ANYRES_ALIASES = {"llava-onevision": "llava-onevision-qwen2-0.5b", "llava-next": "llava-v1.6-mistral-7b"}
+
+
+def peak_memory(fn) -> tuple[float, float]:
+    """(seconds, MB the run added to the process's resident peak): the high-water mark is reset
+    first (/proc/self/clear_refs, Linux)."""
+    def status(field):
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, status("VmHWM:") - before
+
+
+def interleaved(calls: dict, rounds: int) -> dict:
+    """Median seconds and largest added peak MB of each call over `rounds` interleaved rounds, after a warm-up."""
+    for fn in calls.values():
+        fn()
+    samples = {key: [] for key in calls}
+    for round_ in range(rounds):
+        for key, fn in calls.items():
+            samples[key].append(peak_memory(fn))
+        print(f"round {round_ + 1}/{rounds} done", flush=True)
+    return {key: (statistics.median(t for t, _ in s), max(m for _, m in s)) for key, s in samples.items()}
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"(eager fp32, {torch.get_num_threads()} threads)")
+
+
+def write(args, stem: str, header: str, columns: list[str], rows: list[dict], cells) -> None:
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + " --- |" + " ---: |" * (len(columns) - 1)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    print("\n".join(lines))
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (args.output / f"{stem}.json").write_text(json.dumps({"setup": header, "rows": rows}, indent=1) + "\n")
+
+
+def qwen_sizes(args) -> None:
+    from saint_export.adapters import qwen_vl
+
+    base = build_qwen(1, 2048)  # the tower and merger at full size; the language model is not run
+    tower = compat.qwen_visual(base)
+    pruned = {keep: se.apply(sharing_weights(base), keep) for keep in ("early50", "early25")}
+    calls, ideal = {}, {}
+    for size in QWEN_SIZES:
+        image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(size))
+        patches = qwen_vl.patchify(image, base.config.vision_config)[0]
+        grid = torch.tensor([[1, size // 14, size // 14]])
+        calls[(size, "unpruned")] = lambda p=patches, g=grid: tower(p, grid_thw=g)
+        ideal[(size, "unpruned")] = 1.0
+        for keep, model in pruned.items():
+            calls[(size, keep)] = lambda m=model, p=patches, g=grid: qwen_vl.image_features(m, p, g)
+            qwen_vl.set_export_size(model, size)
+            ideal[(size, keep)] = 1 / se.resolve_schedule(keep, model).flops_ratio()
+    measured = interleaved(calls, args.rounds)
+    rows = [{"size": size, "mode": mode, "seconds": measured[(size, mode)][0],
+             "speedup": measured[(size, "unpruned")][0] / measured[(size, mode)][0], "ideal": ideal[(size, mode)],
+             "peak_mb": measured[(size, mode)][1]} for size, mode in calls]
+    header = (f"Qwen2.5-VL-3B's tower and merger (full size, random weights), one square image, batch 1; {machine()}; "
+              f"medians of {args.rounds} interleaved rounds; peak MB = what one run adds to the resident peak")
+    write(args, "bench_vlm_qwen_sizes", header,
+          ["image", "mode", "tower s", "speed-up", "ideal", "of ideal", "peak MB"], rows,
+          lambda r: [f"{r['size']} × {r['size']}", r["mode"], f"{r['seconds']:.2f}", f"{r['speedup']:.2f}x",
+                     f"{r['ideal']:.2f}x", f"{r['speedup'] / r['ideal']:.2f}", f"{r['peak_mb']:.0f}"])
+
+
+def build_anyres(family: str, text_layers: int | None, text_hidden: int | None, seed: int = 0):
+    from transformers import AutoConfig, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
+    fields = dict(hf_vision.checkpoints()[ANYRES_ALIASES[family]]["config"])
+    text = dict(fields.pop("text_config"))
+    if text_hidden:
+        text.update(hidden_size=text_hidden, intermediate_size=int(text_hidden * text["intermediate_size"]
+                                                                    / text["hidden_size"]),
+                    num_attention_heads=text_hidden // 128, num_key_value_heads=max(1, text_hidden // 1024))
+    if text_layers:
+        text["num_hidden_layers"] = text_layers
+    config = AutoConfig.for_model(fields.pop("model_type"), text_config=text, **fields)
+    cls = LlavaOnevisionForConditionalGeneration if family == "llava-onevision" else LlavaNextForConditionalGeneration
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def anyres_photo(model, size: tuple[int, int]) -> dict:
+    """One photo of `size` (height, width) as the processor gives it: its crops, its placeholders."""
+    config = model.config
+    crops = compat.anyres_crops(model, [list(size)])
+    count, = compat.anyres_token_counts(model, [list(size)], crops)
+    side = config.vision_config.image_size
+    ids = torch.tensor([[100 + t for t in range(BEFORE)] + [config.image_token_id] * count
+                        + [200 + t for t in range(AFTER)]])
+    pixels = torch.randn(1, crops[0], 3, side, side, generator=torch.Generator().manual_seed(size[1]))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
+            "image_sizes": torch.tensor([list(size)])}
+
+
+def anyres_macs(model, keep: str, size) -> tuple[float, int]:
+    """(prefill MACs, image tokens the language model gets) of one photo under `keep`."""
+    from saint_export.adapters import llava_anyres
+
+    crops, unpruned = llava_anyres._counts(model, size, None)
+    schedule = llava_anyres.crop_schedule(model, keep, size)
+    kept = unpruned if keep == "none" else crops * llava_anyres.tokens_per_crop(model, sum(schedule.drops))[1]
+    c, d = model.config.vision_config.hidden_size, model.config.text_config.hidden_size
+    projector = kept * (c * d + d * d)
+    layers = model.config.text_config.num_hidden_layers
+    prefill, _ = decoder_macs(model.config.text_config, [kept] * layers, BEFORE + AFTER, 1)
+    return crops * schedule.macs() + projector + prefill, kept
+
+
+def anyres_sizes(args) -> None:
+    default = (None, None) if args.family == "llava-onevision" else (16, 1024)
+    base = build_anyres(args.family, args.text_layers or default[0], args.text_hidden or default[1])
+    models = {"none": base, **{keep: se.apply(sharing_weights(base), keep) for keep in ("early50", "early25")}}
+    calls, facts = {}, {}
+    for size in PHOTOS:
+        photo = anyres_photo(base, size)
+        for keep, model in models.items():
+            calls[(size, keep)] = lambda m=model, x=photo: m(**x, use_cache=True, logits_to_keep=1)
+            facts[(size, keep)] = anyres_macs(model, keep, size)
+    measured = interleaved(calls, args.rounds)
+    rows = []
+    for size, keep in calls:
+        macs, tokens = facts[(size, keep)]
+        rows.append({"height": size[0], "width": size[1], "mode": "unpruned" if keep == "none" else keep,
+                     "image_tokens": tokens, "unpruned_tokens": facts[(size, "none")][1],
+                     "seconds": measured[(size, keep)][0], "peak_mb": measured[(size, keep)][1],
+                     "speedup": measured[(size, "none")][0] / measured[(size, keep)][0],
+                     "ideal": facts[(size, "none")][0] / macs})
+    text = base.config.text_config
+    params = sum(p.numel() for p in base.parameters()) / 1e6
+    header = (f"{ANYRES_ALIASES[args.family]}'s tower and projector (full size) with a {text.num_hidden_layers} × "
+              f"{text.hidden_size} language model ({params:.0f} M parameters, random weights), one photo, "
+              f"{BEFORE + AFTER} text tokens, prefill at batch 1; {machine()}; medians of {args.rounds} interleaved "
+              "rounds; peak MB = what one run adds to the resident peak")
+    write(args, f"bench_vlm_{args.family}_sizes", header,
+          ["photo", "mode", "image tokens", "saved", "prefill s", "speed-up", "ideal", "of ideal", "peak MB"], rows,
+          lambda r: [f"{r['width']} × {r['height']}", r["mode"], f"{r['image_tokens']} of {r['unpruned_tokens']}",
+                     f"{1 - r['image_tokens'] / r['unpruned_tokens']:.0%}", f"{r['seconds']:.2f}",
+                     f"{r['speedup']:.2f}x", f"{r['ideal']:.2f}x", f"{r['speedup'] / r['ideal']:.2f}",
+                     f"{r['peak_mb']:.0f}"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=("llava", "qwen2.5-vl"), default="llava")
-    parser.add_argument("--text-layers", type=int, default=16)
-    parser.add_argument("--text-hidden", type=int, default=1024)
+    parser.add_argument("--family", choices=("llava", "qwen2.5-vl", *ANYRES_ALIASES), default="llava")
+    parser.add_argument("--sizes", action="store_true", help="the sizes users feed the model (see above)")
+    parser.add_argument("--text-layers", type=int, default=None)
+    parser.add_argument("--text-hidden", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path("bench"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.sizes or args.family in ANYRES_ALIASES:
+        if args.family == "llava":
+            parser.error("--sizes takes --family qwen2.5-vl, llava-onevision or llava-next")
+        return qwen_sizes(args) if args.family == "qwen2.5-vl" else anyres_sizes(args)
+    args.text_layers, args.text_hidden = args.text_layers or 16, args.text_hidden or 1024
 
     qwen = args.family == "qwen2.5-vl"
     base = (build_qwen if qwen else build)(args.text_layers, args.text_hidden)

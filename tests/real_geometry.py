@@ -71,3 +71,44 @@ def anyres_inputs(model, sizes, texts=None, seed=1):
     ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=torch.tensor(sizes)), counts
+
+
+def qwen_inputs(model, sizes, texts=None, seed=1):
+    """Processor-style Qwen-VL inputs for images of `sizes` (height, width; multiples of the merged
+    patch): flattened patches, t·h·w/4 placeholders per image between vision start and end, one
+    image per row, rows left-padded."""
+    from saint_export.adapters.qwen_vl import patchify
+
+    config = model.config
+    patch = config.vision_config.patch_size
+    g = torch.Generator().manual_seed(seed)
+    patches, grids, rows = [], [], []
+    texts = texts or [(3 + i, 4) for i in range(len(sizes))]
+    for (before, after), (h, w) in zip(texts, sizes):
+        cells = torch.rand(3, h // (2 * patch) + 1, w // (2 * patch) + 1, generator=g)
+        image = cells.repeat_interleave(2 * patch, 1).repeat_interleave(2 * patch, 2)[:, :h, :w]
+        patches.append(patchify((image + 0.05 * torch.randn(3, h, w, generator=g))[None], config.vision_config)[0])
+        grids.append([1, h // patch, w // patch])
+        rows.append([5 + t % 90 for t in range(before)] + [config.vision_start_token_id]
+                    + [config.image_token_id] * (h * w // (patch * patch * 4)) + [config.vision_end_token_id]
+                    + [5 + t % 90 for t in range(after)])
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(patches), image_grid_thw=torch.tensor(grids),
+                mm_token_type_ids=(ids == config.image_token_id).int())
+
+
+def decoder_widths(model):
+    """Record the sequence width every decoder layer runs on, per forward: a list of lists."""
+    seen = []
+
+    def record(layer, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if compat.decoder_layer_index(layer) == 0:
+            seen.append([])
+        seen[-1].append(hidden.shape[1])
+
+    for layer in compat.decoder_layers(model):
+        layer.register_forward_pre_hook(record, with_kwargs=True)
+    return seen

@@ -489,3 +489,71 @@ def test_cli_exports_a_local_checkpoint_folder_in_hybrid_mode(family, tmp_path, 
     assert code == 2 and only_error_line(err) == ("saint-export: error: image size 100: Qwen-VL images are multiples "
                                                   "of 28 px (a 2 × 2 group of 14-px patches)")
     assert not (tmp_path / "bad").exists()
+
+
+# --- several images per row, videos ------------------------------------------------------------------
+
+def images_only(x, rows):
+    """`mixed_inputs()` without its video: row 0 (two images) alone."""
+    out = {key: x[key][:rows] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    keep = out["attention_mask"].bool().any(0)
+    out = {key: value[:, keep] for key, value in out.items()}
+    return dict(out, pixel_values=x["pixel_values"][:64 + 60], image_grid_thw=x["image_grid_thw"][:2])
+
+
+@pytest.mark.parametrize("tower, llm", [("early50", None), ("none", "r:0,4,3"), ("early50", "r:0,4,3")],
+                         ids=["vit-only", "llm-only", "hybrid"])
+def test_a_row_with_two_images_equals_the_masking_restatement_in_every_mode(family, tower, llm):
+    x = images_only(tq.mixed_inputs(family), 1)
+    model = se.apply(tq.build(family), tower, llm_schedule=llm, llm_tau=0.5)
+    got = logits(model, x)
+    if tower == "none":
+        features, deepstack = unpruned_features(family, x)
+        kept = None
+    else:
+        features, kept, deepstack = qwen_vl.image_features(model, x["pixel_values"], x["image_grid_thw"])
+        assert [len(k) for k in kept] == [8, 8]
+    drops = [0, 4, 3, 0] if llm else [0] * 4
+    want, alive, _, tokens = masked_reference(family, x["input_ids"], x["attention_mask"], x, features, kept, drops,
+                                              0.5, steps=3, deepstack=deepstack)
+    real = alive[0] & x["attention_mask"][0].bool()
+    assert got.shape[1] == int(real.sum()) and torch.allclose(got[0], want[0][real], atol=1e-5, rtol=0)
+    assert torch.equal(generate(model, x, steps=3, do_sample=False).sequences[:, x["input_ids"].shape[1]:], tokens)
+
+
+def test_videos_run_unpruned_beside_pruned_images_with_their_positions_in_vit_only_mode(family):
+    x = tq.mixed_inputs(family)
+    model = se.apply(tq.build(family), "early50")
+    seen = {}
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    logits(model, x)
+    base = tq.build(family)
+    unpruned, _ = compat.qwen_rope_index(base, x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"],
+                                         x["attention_mask"], video_grid_thw=x["video_grid_thw"])
+    with torch.no_grad():
+        video_features = torch.cat(base.model.get_video_features(x["pixel_values_videos"], x["video_grid_thw"])
+                                   .pooler_output)
+    for row, images in enumerate([2, 1]):
+        original = x["input_ids"][row][x["attention_mask"][row].bool()]
+        fitted = seen["input_ids"][row][seen["attention_mask"][row].bool()]
+        assert int((fitted == tq.IMAGE).sum()) == 8 * images  # each image keeps round(50%)
+        for kind in ([tq.VIDEO] if row else []) + [5, 6, 7]:  # video placeholders and text all stay, in place
+            want = unpruned[:, row][:, x["attention_mask"][row].bool()][:, original == kind]
+            got = seen["position_ids"][1:, row][:, seen["attention_mask"][row].bool()][:, fitted == kind]
+            assert torch.equal(got, want), kind
+    video_columns = (seen["input_ids"] == tq.VIDEO)
+    assert torch.allclose(seen["embeds"][video_columns], video_features, atol=1e-6, rtol=0)  # unpruned video
+    sequences = generate(model, x, do_sample=False).sequences
+    assert torch.equal(sequences, generate(model, x, do_sample=False).sequences)
+    assert torch.equal(sequences[:, :x["input_ids"].shape[1]], x["input_ids"])
+
+
+def test_videos_are_refused_in_one_line_on_the_llm_side(family):
+    x = tq.mixed_inputs(family)
+    for tower in ("none", "early50"):
+        model = se.apply(tq.build(family), tower, llm_schedule="r:0,2", llm_tau=0.5)
+        with pytest.raises(se.InputError, match=r"^LLM-side SAINT prunes image tokens only: prompts with videos are "
+                                                r"not supported in LLM-only or hybrid mode"):
+            logits(model, x)

@@ -50,7 +50,7 @@ def inputs(family="llava-next", seed=1, texts=((3, 4), (5, 2))):
     model = build(family)
     with torch.no_grad():
         counts = [len(f) for f in model.model.get_image_features(pixel_values, sizes).pooler_output]
-    rows = [list(range(5, 5 + a)) + [IMAGE] * n + list(range(40, 40 + b)) for (a, b), n in zip(texts, counts)]
+    rows = [[5 + t % 90 for t in range(a)] + [IMAGE] * n + list(range(40, 40 + b)) for (a, b), n in zip(texts, counts)]
     width = max(map(len, rows))
     ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])

@@ -86,3 +86,24 @@ def first(batch_inputs, rows):
     for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
         out[key] = out[key][:, keep]
     return out
+
+
+def mixed_inputs(family="qwen2.5-vl", seed=2):
+    """Row 0: two images (8 × 8 and 6 × 10 patches) between text; row 1: a video of 2 × 8 × 8 patches
+    (Qwen3-VL: a timestamp token before each frame, as its processor writes) and a third image
+    (8 × 8); rows left-padded, mm_token_type_ids 1 at image and 2 at video placeholders."""
+    from saint_export.adapters.qwen_vl import patchify
+
+    model_config = config(family).vision_config
+    a, b, c = (patchify(image[None], model_config)[0] for image in images(((112, 112), (84, 140), (112, 112)), seed))
+    video = torch.randn(2 * 8 * 8, a.shape[1], generator=torch.Generator().manual_seed(seed))
+    frame = [START] + [VIDEO] * 16 + [END]
+    clip = ([70] + frame) * 2 if family == "qwen3-vl" else [START] + [VIDEO] * 32 + [END]
+    rows = [[5, 6, START] + [IMAGE] * 16 + [END, 7, START] + [IMAGE] * 15 + [END, 8, 9],
+            [5] + clip + [6, START] + [IMAGE] * 16 + [END, 7]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([a, b, c]),
+                image_grid_thw=torch.tensor([[1, 8, 8], [1, 6, 10], [1, 8, 8]]), pixel_values_videos=video,
+                video_grid_thw=torch.tensor([[2, 8, 8]]), mm_token_type_ids=(ids == IMAGE).int() + 2 * (ids == VIDEO).int())

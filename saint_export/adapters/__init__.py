@@ -52,6 +52,10 @@ class ModelInfo:
     # The patch count `early<P>` brings the tokens to, as a function of P (None: round(P% ·
     # num_patches)); LLaVA-NeXT/OneVision scale it to what the unpruned model feeds the LLM.
     early_target: Callable[[float], int] | None = None
+    # Tokens per pruning unit (Qwen's merge group: 4 patches), and the tokens of one attention window
+    # of the blocks between pruning points (Qwen2.5-VL's windowed blocks; None: full attention).
+    unit_tokens: int = 1
+    window_tokens: int | None = None
 
 
 class ProbeParts(NamedTuple):

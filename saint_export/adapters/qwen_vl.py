@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .. import compat
 from ..core import gather_tokens
@@ -47,6 +48,7 @@ OUTPUT_NAME = "image_features"
 POSITIONS_NAME = "image_positions"
 MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
 DEEPSTACK_NAME = "deepstack_features"
+VIDEO_ARGUMENTS = ("video_grid_thw", "second_per_grid_ts")  # what M-RoPE reads of a prompt's videos
 NOMINAL_SIZE = 448  # the square image an export (and a schedule's counts) is resolved for by default
 MERGE = 2  # the spatial merge of the shipped configs: a group is 2 × 2 patches
 
@@ -142,13 +144,14 @@ def describe(model: torch.nn.Module) -> ModelInfo:
     points = list(getattr(config, "fullatt_block_indexes", range(config.depth)))
     if points != sorted(points) or points[-1] != config.depth - 1:
         raise unsupported(f"{family} whose last block {config.depth - 1} is not a full-attention block")
-    # The FLOPs ratio counts merge groups as tokens: exact for the linear layers, which dominate
-    # (Qwen2.5-VL's SwiGLU MLP has three matrices: an MLP ratio of 1.5 · intermediate / hidden);
-    # attention's quadratic term is approximate (as if over the whole image, in groups).
+    # The FLOPs ratio counts patches (4 per merge group), Qwen2.5-VL's SwiGLU MLP as three matrices
+    # (an MLP ratio of 1.5 · intermediate / hidden), and its windowed blocks' attention per window.
     matrices = 1.5 if family == "Qwen2.5-VL" else 1.0
+    window = getattr(config, "window_size", None)
     return ModelInfo(depth=len(points), num_patches=(size // unit) ** 2, num_protected=0,
                      embed_dim=config.hidden_size, mlp_ratio=matrices * config.intermediate_size / config.hidden_size,
-                     img_size=size, patch_size=unit, spans=tuple(b - a for a, b in zip([-1, *points], points)))
+                     img_size=size, patch_size=unit, spans=tuple(b - a for a, b in zip([-1, *points], points)),
+                     unit_tokens=MERGE * MERGE, window_tokens=None if window is None else (window // config.patch_size) ** 2)
 
 
 # --- the pruned tower ------------------------------------------------------------------------------
@@ -156,8 +159,9 @@ def describe(model: torch.nn.Module) -> ModelInfo:
 class Layout(NamedTuple):
     """How the tower lays out the tokens of one image grid (compat.qwen_vision_layout), computed
     once per grid, outside any trace: rotary tables in the blocks' order, that order → raster merge
-    group, each group's window and frame (None where the whole image is one), and Qwen3-VL's
-    learned-position taps (None for Qwen2.5-VL)."""
+    group, each group's window and frame (None where the whole image is one) with their (count,
+    most groups in one), and Qwen3-VL's learned-position taps (None for Qwen2.5-VL). Windows and
+    frames are runs of consecutive groups in the blocks' order."""
     grid: tuple[int, int, int]
     cos: torch.Tensor
     sin: torch.Tensor
@@ -165,45 +169,42 @@ class Layout(NamedTuple):
     windows: torch.Tensor | None
     frames: torch.Tensor | None
     taps: tuple | None
+    window_shape: tuple[int, int]
+    frame_shape: tuple[int, int]
 
     @classmethod
     def of(cls, tower, grid: tuple[int, int, int]) -> "Layout":
         cos, sin, window_index, windows, frames, taps = compat.qwen_vision_layout(tower, torch.tensor(grid))
         return cls(grid, cos, sin, window_index, windows if len(set(windows.tolist())) > 1 else None,
-                   frames if len(set(frames.tolist())) > 1 else None, taps)
+                   frames if len(set(frames.tolist())) > 1 else None, taps,
+                   *((int(ids.max()) + 1, int(ids.bincount().max())) for ids in (windows, frames)))
 
 
 class TowerPruner:
-    """The layout and droppers of every image grid this model has seen, from the one keep schedule."""
+    """The layout and droppers of every image grid this model has seen, from the one keep schedule
+    (bounded caches: a server sees many sizes)."""
+    CACHED_GRIDS = 32
 
     def __init__(self, tower, state):
         self.tower, self.state = tower, state
         self.points = compat.qwen_full_attention_blocks(tower)
-        self._droppers: dict[int, dict] = {}
-        self._layouts: dict[tuple, Layout] = {}
+        self.layout = functools.lru_cache(maxsize=self.CACHED_GRIDS)(functools.partial(Layout.of, tower))
+        self.droppers = functools.lru_cache(maxsize=self.CACHED_GRIDS)(self._droppers)
 
-    def layout(self, grid: tuple[int, int, int]) -> Layout:
-        if grid not in self._layouts:
-            self._layouts[grid] = Layout.of(self.tower, grid)
-        return self._layouts[grid]
+    def _droppers(self, grid: tuple[int, int, int]) -> dict:
+        from ..patch import TokenDropper
 
-    def droppers(self, grid: tuple[int, int, int]) -> dict:
         groups = grid[0] * grid[1] * grid[2] // (MERGE * MERGE)
-        if groups not in self._droppers:
-            from ..patch import TokenDropper
-
-            s = self.state.schedule
-            try:
-                schedule = KeepSchedule.parse(s.spec, len(self.points), groups, num_protected=0)
-            except ScheduleError as err:
-                t, h, w = grid
-                raise ScheduleError(f"an image of {t}×{h}×{w} patches ({groups} merged tokens): {err}") from None
-            counts = schedule.patch_counts()
-            self._droppers[groups] = {
-                self.points[i]: TokenDropper(i, None if schedule.drops is None else schedule.drops[i],
+        s = self.state.schedule
+        try:
+            schedule = KeepSchedule.parse(s.spec, len(self.points), groups, num_protected=0)
+        except ScheduleError as err:
+            t, h, w = grid
+            raise ScheduleError(f"an image of {t}×{h}×{w} patches ({groups} merged tokens): {err}") from None
+        counts = schedule.patch_counts()
+        return {self.points[i]: TokenDropper(i, None if schedule.drops is None else schedule.drops[i],
                                              None if schedule.drops is None else counts[i], self.state)
                 for i in schedule.pruning_blocks}
-        return self._droppers[groups]
 
 
 def pruned_tower(tower, patches: torch.Tensor, layout: Layout, droppers: dict):
@@ -219,12 +220,12 @@ def pruned_tower(tower, patches: torch.Tensor, layout: Layout, droppers: dict):
     full = set(compat.qwen_full_attention_blocks(tower))
     deepstack_mergers, deepstack = compat.qwen_deepstack(tower), []
     for index, block in enumerate(compat.qwen_vision_blocks(tower)):
-        groups_of = layout.frames if index in full else layout.windows
-        allowed = None  # None: one window (or frame) holds the whole image
-        if groups_of is not None:
-            ids = groups_of[alive].repeat_interleave(unit, 1)
-            allowed = (ids[:, :, None] == ids[:, None, :])[:, None]
-        x, keys = compat.qwen_vision_attention(block, x, cos, sin, allowed)
+        segments, (count, capacity) = (layout.frames, layout.frame_shape) if index in full else \
+            (layout.windows, layout.window_shape)
+        # None: one window (or frame) holds the whole image
+        attend = dense_attention if segments is None else functools.partial(
+            segment_attention, segments[alive].repeat_interleave(unit, 1), count, capacity * unit)
+        x, keys = compat.qwen_vision_attention(block, x, cos, sin, attend)
         if index in droppers:
             group_keys = keys.view(batch, -1, unit, keys.shape[-1]).mean(2)
             keep = droppers[index](group_keys)
@@ -240,6 +241,51 @@ def pruned_tower(tower, patches: torch.Tensor, layout: Layout, droppers: dict):
     raster = layout.window_index[alive]
     order = raster.argsort(dim=1)
     return (gather_tokens(merged, order), raster.gather(1, order), [gather_tokens(d, order) for d in deepstack])
+
+
+def dense_attention(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def segment_attention(segment: torch.Tensor, segments: int, capacity: int, q, k, v, scale):
+    """Attention within segments (windows or frames) of the surviving tokens, as transformers'
+    cu_seqlens gives it, never over an N × N mask: q, k, v [B, heads, N, d], `segment` [B, N] each
+    token's segment of `segments`, ascending (a segment's survivors are consecutive, in the blocks'
+    order), `capacity` the most tokens a segment holds unpruned. Eager: one attention per segment,
+    the lengths read off the data (as transformers' own non-flash path). Traced: `slot_attention`."""
+    if torch.compiler.is_compiling():
+        return slot_attention(segment, segments, capacity, q, k, v, scale)
+    out = []
+    for row in range(len(q)):
+        lengths = segment[row].bincount(minlength=segments)
+        lengths = lengths[lengths > 0].tolist()
+        out.append(torch.cat([F.scaled_dot_product_attention(a, b, c, scale=scale) for a, b, c in
+                              zip(*(t[row:row + 1].split(lengths, 2) for t in (q, k, v)))], 2))
+    return torch.cat(out)
+
+
+def slot_attention(segment: torch.Tensor, segments: int, capacity: int, q, k, v, scale):
+    """`segment_attention` with shapes that depend on the grid only (what an exported graph needs):
+    every segment gets `capacity` slots, the survivors are copied into theirs, empty slots are
+    masked out, and the outputs are read back from the survivors' slots."""
+    batch, heads, tokens, d = q.shape
+    counts = torch.zeros(batch, segments, dtype=torch.long, device=q.device).scatter_add_(
+        1, segment, torch.ones_like(segment))
+    starts = counts.cumsum(1) - counts
+    slot = segment * capacity + torch.arange(tokens, device=q.device) - starts.gather(1, segment)  # [B, N]
+    slot = (slot + torch.arange(batch, device=q.device)[:, None] * segments * capacity).flatten()
+
+    def to_slots(t):  # [B, heads, N, d] → [B · segments, heads, capacity, d]
+        flat = t.transpose(1, 2).reshape(batch * tokens, heads * d)
+        out = flat.new_zeros(batch * segments * capacity, heads * d).index_copy(0, slot, flat)
+        return out.view(batch * segments, capacity, heads, d).transpose(1, 2)
+
+    filled = torch.zeros(batch * segments * capacity, dtype=torch.bool, device=q.device).index_fill(0, slot, True)
+    # An empty slot's query sees itself, so no row is all masked (its output is never read).
+    allowed = filled.view(batch * segments, 1, 1, capacity) | torch.eye(capacity, dtype=torch.bool, device=q.device)
+    out = F.scaled_dot_product_attention(to_slots(q), to_slots(k), to_slots(v), attn_mask=allowed, scale=scale)
+    out = out.transpose(1, 2).reshape(batch * segments * capacity, heads * d)
+    return out.index_select(0, slot).view(batch, tokens, heads, d).transpose(1, 2)
 
 
 def _gather_groups(x: torch.Tensor, keep: torch.Tensor, unit: int) -> torch.Tensor:
@@ -258,22 +304,25 @@ def grid_positions(raster: torch.Tensor, grid: tuple[int, int, int]) -> torch.Te
 def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
     """The pruned tower on the processor's flattened patches of every image: (features per image
     [K_i, D_llm], kept merge groups per image [K_i], raster order; DeepStack features per layer and
-    image, empty for Qwen2.5-VL)."""
+    image, empty for Qwen2.5-VL). Images of one grid run as one batch (with `dynamic`, each alone:
+    its r is decided per image)."""
     tower = compat.qwen_visual(model)
     pruner = model.saint_tower
-    features, kept, deepstack, start = [], [], [], 0
-    patches = pixel_values.to(next(tower.parameters()).dtype)
-    for grid in image_grid_thw.tolist():
-        grid = tuple(int(v) for v in grid)
-        tokens = grid[0] * grid[1] * grid[2]
-        feats, raster, stacks = pruned_tower(tower, patches[None, start:start + tokens], pruner.layout(grid),
+    grids = [tuple(int(v) for v in grid) for grid in image_grid_thw.tolist()]
+    sizes = [t * h * w for t, h, w in grids]
+    if sum(sizes) != len(pixel_values):
+        raise InputError(f"pixel_values holds {len(pixel_values)} patches but image_grid_thw describes {sum(sizes)}")
+    patches = pixel_values.to(next(tower.parameters()).dtype).split(sizes)
+    batches: dict = {}
+    for image, grid in enumerate(grids):
+        batches.setdefault(grid if pruner.state.schedule.drops is not None else image, []).append(image)
+    features, kept, deepstack = [None] * len(grids), [None] * len(grids), [None] * len(grids)
+    for images in batches.values():
+        grid = grids[images[0]]
+        feats, raster, stacks = pruned_tower(tower, torch.stack([patches[i] for i in images]), pruner.layout(grid),
                                              pruner.droppers(grid))
-        features.append(feats[0])
-        kept.append(raster[0])
-        deepstack.append([d[0] for d in stacks])
-        start += tokens
-    if start != len(pixel_values):
-        raise InputError(f"pixel_values holds {len(pixel_values)} patches but image_grid_thw describes {start}")
+        for row, image in enumerate(images):
+            features[image], kept[image], deepstack[image] = feats[row], raster[row], [d[row] for d in stacks]
     return features, kept, [list(layer) for layer in zip(*deepstack)]
 
 
@@ -284,7 +333,8 @@ def fit_inputs(model, kwargs: dict) -> dict:
     """The keyword arguments of a forward or generate call with pixel_values, rewritten for the
     pruned tower: its features given as `mm_encoder_outputs`, the dropped placeholders removed from
     input_ids / attention_mask / mm_token_type_ids, and `position_ids` [4, B, T'] (text positions,
-    then t/h/w) holding the unpruned prompt's M-RoPE positions at the columns that stay."""
+    then t/h/w) holding the unpruned prompt's M-RoPE positions at the columns that stay. Videos in
+    the same prompt keep every token: transformers' own tower runs them."""
     from ..vlm import padding_side, repack
 
     config = compat.qwen_core(model).config
@@ -302,9 +352,10 @@ def fit_inputs(model, kwargs: dict) -> dict:
                          f"expected {sum(per_image)} (t·h·w/4 per image, the processor's count {per_image})")
     features, kept, deepstack = image_features(model, kwargs["pixel_values"], grid)
     mm_types = kwargs.get("mm_token_type_ids")
-    if mm_types is None:
-        mm_types = is_image.int()
-    positions, _ = compat.qwen_rope_index(model, ids, mm_types, grid, mask)
+    if mm_types is None:  # what the processor writes: 1 at image placeholders, 2 at video ones
+        mm_types = is_image.int() + 2 * (ids == config.video_token_id).int()
+    videos = {key: kwargs[key] for key in VIDEO_ARGUMENTS if kwargs.get(key) is not None}
+    positions, _ = compat.qwen_rope_index(model, ids, mm_types, grid, mask, **videos)
     keep = ~is_image
     image = 0
     for row in range(len(ids)):  # images fill the rows' placeholders in order
@@ -324,9 +375,14 @@ def fit_inputs(model, kwargs: dict) -> dict:
     # right after the prompt's largest, as unpruned.
     largest = positions.masked_fill(~valid, -1).amax(dim=(0, 2))
     compat.qwen_set_rope_deltas(model, (largest + 1 - valid.sum(1))[:, None])
-    rest = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "input_ids", "attention_mask")}
+    rest = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "pixel_values_videos", "input_ids",
+                                                          "attention_mask")}
+    video = kwargs.get("pixel_values_videos")
+    if video is not None:
+        video = compat.qwen_video_features(model, video, kwargs.get("video_grid_thw"))
     return {**rest, "input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm_types,
-            "position_ids": torch.cat([text[None], positions]), **compat.image_features_output(features, deepstack)}
+            "position_ids": torch.cat([text[None], positions]),
+            **compat.image_features_output(features, deepstack, video)}
 
 
 def patch(model: torch.nn.Module, droppers: dict) -> None:
@@ -342,8 +398,19 @@ def patch(model: torch.nn.Module, droppers: dict) -> None:
 
 
 def llm_installed(model: torch.nn.Module, state) -> None:
-    """After LLM-side SAINT is installed: Qwen3-VL adds DeepStack features at the image positions
-    after its first decoder layers; once image tokens are gone, only the survivors' rows are added."""
+    """After LLM-side SAINT is installed: videos are refused (the LLM side drops image tokens and
+    keeps no record of video ones); Qwen3-VL adds DeepStack features at the image positions after
+    its first decoder layers, and once image tokens are gone, only the survivors' rows are added."""
+    video_token = compat.qwen_core(model).config.video_token_id
+
+    def refuse_videos(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if kwargs.get("pixel_values_videos") is not None or (ids is not None and bool((ids == video_token).any())):
+            raise InputError(f"LLM-side SAINT prunes image tokens only: prompts with videos are not supported in "
+                             f"LLM-only or hybrid mode ({_family(model.config)}); use ViT-only mode (llm_schedule "
+                             "none), where videos run unpruned")
+
+    model.register_forward_pre_hook(refuse_videos, with_kwargs=True)
     if not compat.qwen_deepstack(compat.qwen_visual(model)):
         return
     run = state.run
