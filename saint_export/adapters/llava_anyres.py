@@ -160,7 +160,7 @@ def crop_schedule(model, spec, image_size, crops: int | None = None) -> KeepSche
     except ScheduleError as err:
         raise ScheduleError(f"{_size_text(image_size, crops, unpruned)}: {err}") from None
     kept = tokens_per_crop(model, sum(schedule.drops or ()))[1]
-    if kept * crops > unpruned:
+    if any(schedule.drops or ()) and kept * crops > unpruned:  # (nothing dropped: transformers' own packing)
         raise ScheduleError(f"{_size_text(image_size, crops, unpruned)}: keep schedule {schedule.spec!r} keeps {kept} "
                             f"features per crop, {kept * crops} in all, more than the unpruned model; use early<P>, "
                             "which scales with the image")
