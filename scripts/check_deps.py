@@ -42,7 +42,8 @@ WHEELS = Path("/opt/wheels")  # where this project's machines keep torch's CPU b
 
 # The tests that exercise each library's behaviour (its internals, its exporter, its runtime).
 TESTS = {
-    "transformers": ["tests/test_vlm.py", "tests/test_vlm_export.py", "tests/test_compat.py", "tests/test_tune.py"],
+    "transformers": ["tests/test_vlm.py", "tests/test_vlm_export.py", "tests/test_compat.py", "tests/test_tune.py",
+                     "tests/test_qwen_vl.py", "tests/test_llava_anyres.py", "tests/test_vlm_sizes.py"],
     "timm": ["tests/test_dynamic_reference.py", "tests/test_onnx_parity.py", "tests/test_images.py",
              "tests/test_evaluate.py", "tests/test_pipeline.py"],
     "onnx": ["tests/test_operator.py", "tests/test_onnx_parity.py", "tests/test_precision.py",
