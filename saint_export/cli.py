@@ -504,24 +504,12 @@ def serve(args) -> int:
 def vllm(args) -> int:
     """Check everything in one line each, then become vLLM's server (so that its signals, exit
     code and shutdown are vLLM's own)."""
-    import json
-
     from . import vllm as plugin
 
     plugin.check_version()
-    extra, overrides = list(args.vllm_args), {}
-    if "--hf-overrides" in extra:  # the user's own overrides, with ours added
-        at = extra.index("--hf-overrides")
-        try:
-            overrides = json.loads(extra[at + 1])
-        except (IndexError, ValueError) as err:
-            raise InputError(f"--hf-overrides must be followed by a JSON object ({err})") from None
-        del extra[at:at + 2]
-    overrides |= plugin.overrides(args.keep_schedule, args.tau, args.K, args.gamma)
-    found = plugin.check(args.checkpoint, overrides)
-    _err(f"SAINT {found.schedule.spec}: {found.tokens} of {found.unpruned_tokens} image tokens per image; "
-         "starting vLLM's OpenAI-compatible server …")
-    command = plugin.serve_command(args.checkpoint, overrides, extra)
+    command, found = plugin.serve_command(args.checkpoint, plugin.overrides(args.keep_schedule, args.tau, args.K,
+                                                                            args.gamma), list(args.vllm_args))
+    _err(f"{found.summary()}; starting vLLM's OpenAI-compatible server …")
     os.execv(command[0], command)
 
 

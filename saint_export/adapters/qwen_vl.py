@@ -135,13 +135,21 @@ def describe(model: torch.nn.Module) -> ModelInfo:
     """The tower as the keep schedule sees it: its pruning points (Qwen2.5-VL's full-attention
     blocks, every block of Qwen3-VL's), the merge groups of the square image of side `img_size`
     (default NOMINAL_SIZE) and no protected token."""
-    config = _vision_config(model)
+    return describe_config(_vision_config(model), getattr(model, "saint_img_size", NOMINAL_SIZE))
+
+
+def pruning_points(config) -> list[int]:
+    """The tower blocks SAINT may prune after, from the vision config."""
+    return list(getattr(config, "fullatt_block_indexes", range(config.depth)))
+
+
+def describe_config(config, size: int = NOMINAL_SIZE) -> ModelInfo:
+    """`describe` from a vision config alone (the vLLM plugin's view of the tower)."""
     family = _family(config)
     if config.spatial_merge_size != MERGE:
         raise unsupported(f"{family} with spatial merge {config.spatial_merge_size}")
-    size = getattr(model, "saint_img_size", NOMINAL_SIZE)
     unit = config.patch_size * MERGE
-    points = list(getattr(config, "fullatt_block_indexes", range(config.depth)))
+    points = pruning_points(config)
     if points != sorted(points) or points[-1] != config.depth - 1:
         raise unsupported(f"{family} whose last block {config.depth - 1} is not a full-attention block")
     # The FLOPs ratio counts patches (4 per merge group), Qwen2.5-VL's SwiGLU MLP as three matrices
@@ -192,19 +200,32 @@ class TowerPruner:
         self.droppers = functools.lru_cache(maxsize=self.CACHED_GRIDS)(self._droppers)
 
     def _droppers(self, grid: tuple[int, int, int]) -> dict:
-        from ..patch import TokenDropper
+        return grid_droppers(self.state, self.points, grid)
 
-        groups = grid[0] * grid[1] * grid[2] // (MERGE * MERGE)
-        s = self.state.schedule
-        try:
-            schedule = KeepSchedule.parse(s.spec, len(self.points), groups, num_protected=0)
-        except ScheduleError as err:
-            t, h, w = grid
-            raise ScheduleError(f"an image of {t}×{h}×{w} patches ({groups} merged tokens): {err}") from None
-        counts = schedule.patch_counts()
-        return {self.points[i]: TokenDropper(i, None if schedule.drops is None else schedule.drops[i],
-                                             None if schedule.drops is None else counts[i], self.state)
-                for i in schedule.pruning_blocks}
+
+def grid_schedule(spec: str, points: int, grid) -> KeepSchedule:
+    """`spec` resolved for one image grid (t, h, w patches) over a tower's `points` pruning points:
+    the one rule for how many merge groups each block drops (the transformers adapter, the vLLM
+    plugin and its processor's placeholder count all read it here)."""
+    t, h, w = (int(v) for v in grid)
+    groups = t * h * w // (MERGE * MERGE)
+    try:
+        return KeepSchedule.parse(spec, points, groups, num_protected=0)
+    except ScheduleError as err:
+        raise ScheduleError(f"an image of {t}×{h}×{w} patches ({groups} merged tokens): {err}") from None
+
+
+def kept_groups(spec: str, points: int, grid) -> int:
+    """The merged tokens (LLM placeholders) an image of `grid` keeps under a static `spec`."""
+    return grid_schedule(spec, points, grid).patch_counts()[-1]
+
+
+def grid_droppers(state, points: list[int], grid) -> dict:
+    """The TokenDropper of each pruning block (by its index in the tower) for one image grid."""
+    from ..patch import droppers_for
+
+    schedule = grid_schedule(state.schedule.spec, len(points), grid)
+    return {points[block]: dropper for block, dropper in droppers_for(schedule, state).items()}
 
 
 def pruned_tower(tower, patches: torch.Tensor, layout: Layout, droppers: dict):

