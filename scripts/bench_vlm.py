@@ -243,7 +243,7 @@ def qwen_sizes(args) -> None:
     write(args, "bench_vlm_qwen_sizes", header,
           ["image", "mode", "tower s", "speed-up", "ideal", "of ideal", "peak MB"], rows,
           lambda r: [f"{r['size']} × {r['size']}", r["mode"], f"{r['seconds']:.2f}", f"{r['speedup']:.2f}x",
-                     f"{r['ideal']:.2f}x", f"{r['speedup'] / r['ideal']:.2f}", f"{r['peak_mb']:.0f}"])
+                     f"{r['ideal']:.2f}x", f"{r['speedup'] / r['ideal']:.2f}", f"{max(r['peak_mb'], 0):.0f}"])
 
 
 def build_anyres(family: str, text_layers: int | None, text_hidden: int | None, seed: int = 0):
@@ -320,7 +320,7 @@ def anyres_sizes(args) -> None:
           lambda r: [f"{r['width']} × {r['height']}", r["mode"], f"{r['image_tokens']} of {r['unpruned_tokens']}",
                      f"{1 - r['image_tokens'] / r['unpruned_tokens']:.0%}", f"{r['seconds']:.2f}",
                      f"{r['speedup']:.2f}x", f"{r['ideal']:.2f}x", f"{r['speedup'] / r['ideal']:.2f}",
-                     f"{r['peak_mb']:.0f}"])
+                     f"{max(r['peak_mb'], 0):.0f}"])
 
 
 def main() -> None:

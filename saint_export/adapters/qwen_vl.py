@@ -203,21 +203,21 @@ class TowerPruner:
         return grid_droppers(self.state, self.points, grid)
 
 
-def grid_schedule(spec: str, points: int, grid) -> KeepSchedule:
-    """`spec` resolved for one image grid (t, h, w patches) over a tower's `points` pruning points:
+def grid_schedule(spec: str, num_points: int, grid) -> KeepSchedule:
+    """`spec` resolved for one image grid (t, h, w patches) over a tower's `num_points` pruning points:
     the one rule for how many merge groups each block drops (the transformers adapter, the vLLM
     plugin and its processor's placeholder count all read it here)."""
     t, h, w = (int(v) for v in grid)
     groups = t * h * w // (MERGE * MERGE)
     try:
-        return KeepSchedule.parse(spec, points, groups, num_protected=0)
+        return KeepSchedule.parse(spec, num_points, groups, num_protected=0)
     except ScheduleError as err:
         raise ScheduleError(f"an image of {t}×{h}×{w} patches ({groups} merged tokens): {err}") from None
 
 
-def kept_groups(spec: str, points: int, grid) -> int:
+def kept_groups(spec: str, num_points: int, grid) -> int:
     """The merged tokens (LLM placeholders) an image of `grid` keeps under a static `spec`."""
-    return grid_schedule(spec, points, grid).patch_counts()[-1]
+    return grid_schedule(spec, num_points, grid).patch_counts()[-1]
 
 
 def grid_droppers(state, points: list[int], grid) -> dict:

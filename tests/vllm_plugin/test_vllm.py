@@ -179,7 +179,8 @@ def test_two_shards_of_heads_score_the_keys_of_one_rank(monkeypatch):
     half = heads // 2 * width  # each rank: the q, k and v of its two heads
     shards = [torch.cat([part[..., r * half:(r + 1) * half] for part in qkv.chunk(3, -1)], -1) for r in range(2)]
     local_keys = [shard.unflatten(-1, (3, heads // 2, width)).select(-3, 1) for shard in shards]
-    monkeypatch.setattr(model, "tensor_model_parallel_all_reduce", lambda t: local_keys[0].sum(-2) + local_keys[1].sum(-2))
+    monkeypatch.setattr(model, "tensor_model_parallel_all_reduce",
+                        lambda t: local_keys[0].sum(-2) + local_keys[1].sum(-2))
     ranks = [model.head_mean_keys(shard, heads // 2, heads, 2) for shard in shards]
     assert torch.equal(ranks[0], ranks[1]) and torch.allclose(ranks[0], one_rank, atol=1e-6)
     assert not torch.allclose(local_keys[0].mean(-2), one_rank, atol=1e-2)  # a rank's own heads alone differ
@@ -210,7 +211,8 @@ def test_a_model_the_plugin_does_not_cover_is_refused(checkpoint, tmp_path):
     other.mkdir()
     config = json.loads((checkpoint / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "architectures": ["LlavaNextForConditionalGeneration"]}))
-    with pytest.raises(InputError, match="covers LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration; LlavaNextForConditionalGeneration"):
+    with pytest.raises(InputError, match="covers LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration; "
+                                         "LlavaNextForConditionalGeneration"):
         plugin.check(str(other), plugin.overrides("degree30@1"))
     from saint_export.vllm import model
 
@@ -234,7 +236,8 @@ def cli(*args, timeout=120):
 def test_the_wrapper_refuses_bad_input_before_starting_vllm(checkpoint):
     for args, message in [(("--keep-schedule", "early200"), "keep schedule 'early200'"),
                           (("--keep-schedule", "dynamic"), "placeholder count"),
-                          (("--keep-schedule", "degree30@1", "--hf-overrides", "{bad"), "--hf-overrides must be a JSON object"),
+                          (("--keep-schedule", "degree30@1", "--hf-overrides", "{bad"),
+                           "--hf-overrides must be a JSON object"),
                           (("--keep-schedule", "degree30@1", '--hf-overrides={"saint": {}}'), "holds a 'saint' entry"),
                           (("--keep-schedule", "degree30@1", "--no-such-option"), "vLLM's arguments")]:
         result = cli("vllm", str(checkpoint), *args)
