@@ -257,6 +257,31 @@ class SaintQwen2_5_VLForConditionalGeneration(qwen2_5_vl.Qwen2_5_VLForConditiona
                 raise ValueError(f"SAINT: the processor writes {promised} image placeholders but the tower returns "
                                  f"{returned} features for a {grid[1]}×{grid[2]}-patch image; vLLM would fail at the "
                                  "first request")
+            self._check_positions(grid, promised)
+
+    def _check_positions(self, grid, kept: int) -> None:
+        """For a prompt of text, one image of `grid` and text: the scheduled positions cover the
+        pruned prompt, and the text after the image and every decoding step sit where the
+        unpruned prompt puts them."""
+        from types import SimpleNamespace
+
+        from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+        def prompt(placeholders: int):
+            image = MultiModalFeatureSpec(data={"image_grid_thw": SimpleNamespace(data=torch.tensor(grid))},
+                                          modality="image", identifier="saint-check",
+                                          mm_position=PlaceholderRange(offset=3, length=placeholders))
+            return [0] * (3 + placeholders + 2), [image]
+
+        tokens, features = prompt(kept)
+        positions, delta = self.get_mrope_input_positions(tokens, features)
+        unpruned_tokens, unpruned_features = prompt(int(np.prod(grid)) // self.visual.spatial_merge_unit)
+        unpruned, unpruned_delta = qwen2_5_vl.Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions(
+            self, unpruned_tokens, unpruned_features)
+        if positions.shape != (3, len(tokens)) or not torch.equal(positions[:, -2:], unpruned[:, -2:]) \
+                or len(tokens) + delta != len(unpruned_tokens) + unpruned_delta:
+            raise ValueError(f"SAINT: the M-RoPE positions of a {grid[1]}×{grid[2]}-patch image's prompt do not "
+                             "continue where the unpruned prompt's do")
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         """Text at its unpruned positions, each image's K slots at the image's start s (the tower's

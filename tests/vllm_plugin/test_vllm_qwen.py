@@ -113,6 +113,17 @@ def test_qwen_tower_that_returns_another_count_stops_the_engine_at_start_up(chec
         vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50"))
 
 
+def test_qwen_positions_that_do_not_continue_as_unpruned_stop_the_engine_at_start_up(checkpoint, monkeypatch):
+    from saint_export.vllm import model
+
+    cls = model.SaintQwen2_5_VLForConditionalGeneration
+    real = cls.get_mrope_input_positions
+    monkeypatch.setattr(cls, "get_mrope_input_positions",
+                        lambda self, *args: (lambda out: (out[0], out[1] + 1))(real(self, *args)))  # off by one
+    with pytest.raises(Exception, match=r"positions of a 16×16-patch image's prompt do not continue"):
+        vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50"))
+
+
 def test_qwen_refuses_evs_beside_saint(checkpoint):
     with pytest.raises(Exception, match="video_pruning_rate .* and a 'saint' entry"):
         vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50"), video_pruning_rate=0.5)
