@@ -41,7 +41,6 @@ class Settings:
     gamma: float
     unpruned_tokens: int  # image features per image without SAINT (Qwen: of a NOMINAL_SIZE square image)
     tokens: int  # after it: the placeholders per image (Qwen: per grid, kept_groups)
-
     per_grid: bool = False  # Qwen: K follows each image's grid
 
     def summary(self) -> str:

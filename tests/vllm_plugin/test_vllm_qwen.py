@@ -124,6 +124,25 @@ def test_qwen_positions_that_do_not_continue_as_unpruned_stop_the_engine_at_star
         vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50"))
 
 
+def test_an_image_too_small_for_a_fixed_count_is_refused_and_the_engine_keeps_serving(checkpoint):
+    """r:9 fits the 18-group wide image (9 ≤ ⌈18/2⌉) but not the 16-group square one."""
+    llm = LLM(model=str(checkpoint), enforce_eager=True, dtype="float32", max_model_len=512,
+              limit_mm_per_prompt={"image": 1, "video": 0}, hf_overrides=plugin.overrides("r:9,1"))
+    square, _, wide = tiny_qwen.images()
+    params = SamplingParams(max_tokens=2, temperature=0)
+    with pytest.raises(ValueError, match=r"SAINT: an image of 1×8×8 patches \(16 merged tokens\): .*drops 9"):
+        llm.generate([{"prompt": tiny_qwen.PROMPT, "multi_modal_data": {"image": square}}], params)
+    out = llm.generate([{"prompt": tiny_qwen.PROMPT, "multi_modal_data": {"image": wide}}], params)
+    assert len(out[0].outputs[0].token_ids) == 2
+
+
+def test_the_wrapper_resolves_a_qwen_checkpoint(checkpoint):
+    command, found = plugin.serve_command(str(checkpoint), plugin.overrides("early50"), ["--port", "8123"])
+    assert found.summary() == ("SAINT early50: 128 of 256 image tokens for a 448 × 448 image (each image's count "
+                               "follows its size)")
+    assert command[-2:] == ["--hf-overrides", json.dumps(plugin.overrides("early50"))]
+
+
 def test_qwen_refuses_evs_beside_saint(checkpoint):
     with pytest.raises(Exception, match="video_pruning_rate .* and a 'saint' entry"):
         vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50"), video_pruning_rate=0.5)
