@@ -433,6 +433,12 @@ def test_export_passes_the_gate_at_batch_1_and_3_with_positions_and_the_runtime_
             assert np.abs(got[2][b, layer] - stack[0].numpy()).max() < 1e-5
     with runtime.open(tmp_path / "f", "onnxruntime") as runner:
         assert runner.infer(images.numpy()).shape == (3, 8, 48)
+        runner.max_batch = 2  # every output of a split batch comes back whole, in order
+        outputs = runner.infer_all(images.numpy())
+        assert list(outputs) == ["image_features", *(r["name"] for r in records)]
+        for name, want in zip(outputs, got):
+            assert np.array_equal(outputs[name], want) if want.dtype == np.int64 else \
+                np.abs(outputs[name] - want).max() < 1e-5
         with pytest.raises(se.InputError, match=r"pixel_values must be \[batch, 3, 112, 112\] with batch ≥ 1, got "
                                                 r"\[1, 3, 140, 112\]"):
             runner.infer(np.zeros((1, 3, 140, 112), np.float32))

@@ -244,3 +244,23 @@ def test_an_edited_degree_schedule_is_refused(tmp_path):
         folder = edited_copy(result.folder, tmp_path / field, edit)
         with pytest.raises(rt.InputError, match=rf"on {re.escape(field)} \(manifest: \d+, graph: \d+\)"):
             rt.open(folder)
+
+
+def test_a_runner_that_returns_the_main_output_only_refuses_the_others_in_one_line():
+    """What infer_all does on a backend that binds one output (the TensorRT runner so far)."""
+    from saint_export.manifest import TensorRecord
+
+    class MainOutputOnly(rt.Runner):
+        backend = "tensorrt"
+
+        def _run(self, x):
+            return x.mean(axis=(2, 3))
+
+    runner = MainOutputOnly("model.plan", TensorRecord("pixel_values", ["batch", 3, 4, 4]),
+                            TensorRecord("image_features", ["batch", 3]), max_batch=2)
+    x = np.ones((3, 3, 4, 4), np.float32)
+    assert list(runner.infer_all(x)) == ["image_features"] and runner.infer_all(x)["image_features"].shape == (3, 3)
+    runner.extra_output_names = ("image_positions",)
+    with pytest.raises(rt.BackendError, match=r"^the tensorrt runner returns image_features only so far; read "
+                                              r"image_positions with backend='onnxruntime'$"):
+        runner.infer_all(x)

@@ -3,6 +3,7 @@
     import saint_export.runtime as rt
     with rt.open("engines/vit_b16-early50") as runner:      # checks the folder first
         logits = runner.infer(pixel_values)                  # float32 [B, 3, H, W] → [B, classes]
+        outputs = runner.infer_all(pixel_values)             # a VLM features folder: every output by name
 
 `open` refuses a folder whose manifest or files do not check out, and (unless allowed) a folder
 that did not pass its parity gate. `backend="auto"` picks TensorRT when the folder has an engine
@@ -58,6 +59,7 @@ def open(folder, backend: str = "auto", *, allow_unverified: bool = False, plugi
                            threads)
     runner.notes = notes + runner.notes
     runner.folder, runner.manifest = folder, manifest
+    runner.extra_output_names = tuple(t["name"] for t in (manifest.features or {}).get("extra_outputs", []))
     return runner
 
 

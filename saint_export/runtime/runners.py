@@ -23,18 +23,29 @@ class Runner:
         self.input_name, self.output_name = input.name, output.name
         self.image_shape = tuple(input.shape[1:])  # (3, H, W)
         self.max_batch = max_batch
+        self.extra_output_names: tuple[str, ...] = ()  # a features folder's other outputs (runtime.open sets them)
         self.notes: list[str] = []  # why this backend (what auto skipped)
         self.folder, self.manifest = None, None  # set by runtime.open
         self._closed = False
 
     def infer(self, pixel_values: np.ndarray) -> np.ndarray:
-        """float32 [B, 3, H, W] → logits float32 [B, classes]; batches above the profile's maximum
-        are split and the results concatenated."""
+        """float32 [B, 3, H, W] → logits float32 [B, classes] (a features folder: its main output);
+        batches above the profile's maximum are split and the results concatenated."""
+        return self._batched(pixel_values, lambda part: [self._run(part)])[0]
+
+    def infer_all(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output by name: the main one and a features folder's extra outputs (the
+        manifest's `features.extra_outputs`: `image_positions`, Qwen3-VL's `deepstack_features`),
+        which an LLM runtime needs beside the features."""
+        names = (self.output_name, *self.extra_output_names)
+        return dict(zip(names, self._batched(pixel_values, lambda part: self._run_all(part, names))))
+
+    def _batched(self, pixel_values: np.ndarray, run) -> list[np.ndarray]:
         if self._closed:
             raise InputError("this runner is closed")
         x = self._check(pixel_values)
-        parts = [self._run(x[start:start + self.max_batch]) for start in range(0, len(x), self.max_batch)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        parts = [run(x[start:start + self.max_batch]) for start in range(0, len(x), self.max_batch)]
+        return parts[0] if len(parts) == 1 else [np.concatenate(column) for column in zip(*parts)]
 
     def _check(self, x) -> np.ndarray:
         expected = f"[batch, {', '.join(map(str, self.image_shape))}]"
@@ -50,6 +61,12 @@ class Runner:
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _run_all(self, x: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+        if len(names) == 1:
+            return [self._run(x)]
+        raise BackendError(f"the {self.backend} runner returns {self.output_name} only so far; read "
+                           f"{', '.join(names[1:])} with backend='onnxruntime'")
 
     def close(self) -> None:
         self._closed = True
@@ -93,6 +110,9 @@ class OrtRunner(Runner):
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def _run_all(self, x: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+        return self.session.run(list(names), {self.input_name: x})
 
     def close(self) -> None:
         self.session = None
