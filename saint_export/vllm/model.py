@@ -150,8 +150,8 @@ def head_mean_keys(qkv: torch.Tensor, local_heads: int, heads: int, tp_size: int
 #
 # vLLM computes a request's M-RoPE positions when it is scheduled, before the tower runs, so it
 # cannot know which merge groups survive. The processor writes K(grid) placeholders per image
-# (qwen_vl.kept_groups, the rule the transformers adapter uses); the scheduled positions give text
-# its unpruned positions and every image slot its image's start s; the tower returns, beside each
+# (qwen_vl.kept_groups, the rule the transformers adapter uses); the scheduled positions are
+# vLLM's own for the unpruned prompt, each image cut to K slots at its start s; the tower returns, beside each
 # survivor's features, its (t, h, w) on the merged grid as extra columns; `embed_input_ids` moves
 # those into a persistent buffer at the image slots, and `forward` adds the buffer to the positions
 # (then clears it). Survivors thus get s + (t, h, w), their unpruned positions, with chunked
@@ -284,29 +284,10 @@ class SaintQwen2_5_VLForConditionalGeneration(qwen2_5_vl.Qwen2_5_VLForConditiona
                              "continue where the unpruned prompt's do")
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
-        """Text at its unpruned positions, each image's K slots at the image's start s (the tower's
-        columns add each survivor's (t, h, w) in `forward`), videos as vLLM places them."""
         if self.saint is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        rows, st, next_pos = [], 0, 0
-        for feature, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(mm_features)):
-            text = offset - st
-            rows.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
-            start = next_pos + text
-            if feature.modality == "image":
-                rows.append(np.full((3, feature.mm_position.length), start))
-                next_pos, st = start + max(t, h, w), offset + feature.mm_position.length
-            else:
-                grid = np.indices((t, h, w))
-                if t_factor != 1.0:
-                    grid[0] = (grid[0] * t_factor).astype(np.int64)
-                rows.append(grid.reshape(3, -1) + start)
-                next_pos, st = int(rows[-1].max()) + 1, offset + t * h * w
-        text = len(input_tokens) - st
-        rows.append(np.broadcast_to(np.arange(text), (3, text)) + next_pos)
-        positions = np.concatenate(rows, axis=1)
-        return torch.from_numpy(np.ascontiguousarray(positions)), int(next_pos + text - len(input_tokens))
+        return pruned_prompt_positions(input_tokens, mm_features, self.config.image_token_id,
+                                       self.visual.spatial_merge_unit, super().get_mrope_input_positions)
 
     def embed_multimodal(self, **kwargs):
         if self.saint is None:
@@ -345,6 +326,38 @@ class SaintQwen2_5_VLForConditionalGeneration(qwen2_5_vl.Qwen2_5_VLForConditiona
             positions.add_(offsets)
             offsets.zero_()
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+def pruned_prompt_positions(input_tokens: list[int], mm_features, image_token: int, unit: int, unpruned_positions):
+    """The scheduled M-RoPE positions of a prompt whose images hold K(grid) placeholders: vLLM's own
+    positions (`unpruned_positions`) of the same prompt with every image's full t·h·w/unit
+    placeholders, with each image's span cut to its K slots, all at the image's start s (the
+    tower's columns add each survivor's (t, h, w) later). Text, videos and the decoding delta keep
+    exactly their unpruned positions."""
+    import dataclasses
+
+    tokens, features, spans, copied, shift = [], [], [], 0, 0
+    for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+        place = feature.mm_position
+        offset = place.offset + shift
+        if feature.modality != "image":
+            features.append(dataclasses.replace(feature, mm_position=dataclasses.replace(place, offset=offset)))
+            continue
+        unpruned = int(np.prod(feature.data["image_grid_thw"].data.tolist())) // unit
+        tokens += input_tokens[copied:place.offset] + [image_token] * unpruned
+        copied = place.offset + place.length
+        features.append(dataclasses.replace(feature, mm_position=dataclasses.replace(place, offset=offset,
+                                                                                      length=unpruned)))
+        spans.append((offset, place.length, unpruned))
+        shift += unpruned - place.length
+    tokens += input_tokens[copied:]
+    positions, delta = unpruned_positions(tokens, features)
+    columns = np.arange(len(tokens))
+    kept = np.ones(len(tokens), dtype=bool)
+    for offset, slots, unpruned in spans:
+        columns[offset:offset + slots] = offset  # the image's first group sits at its start s
+        kept[offset + slots:offset + unpruned] = False
+    return positions[:, torch.from_numpy(columns[kept])], int(delta) + len(tokens) - len(input_tokens)
 
 
 def saint_qwen_tower(visual, patches: torch.Tensor, grid: tuple[int, int, int], droppers: dict):
