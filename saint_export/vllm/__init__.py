@@ -23,13 +23,12 @@ from ..errors import InputError
 
 OVERRIDES_KEY = "saint"
 SETTINGS = ("keep_schedule", "tau", "K", "gamma")
-# LLaVA-1.5 and Qwen2.5-VL are covered. These multimodal models take no `saint` entry yet: it is
-# refused at start-up instead of being silently ignored.
-QWEN = "Qwen2_5_VLForConditionalGeneration"
-COVERED = ("LlavaForConditionalGeneration", QWEN)
+# LLaVA-1.5, Qwen2.5-VL and Qwen3-VL are covered. These multimodal models take no `saint` entry
+# yet: it is refused at start-up instead of being silently ignored.
+QWEN, QWEN3 = "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"
+COVERED = ("LlavaForConditionalGeneration", QWEN, QWEN3)
 NOT_COVERED = ("LlavaNextForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
-               "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-               "Qwen3VLForConditionalGeneration")
+               "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration")
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def settings(hf_config, architecture: str = "LlavaForConditionalGeneration") -> 
 
     tau, K, gamma = entry.get("tau", spec.TAU), entry.get("K", spec.VOTE_K), entry.get("gamma", spec.GAMMA)
     check_hyperparameters(tau, K, gamma)
-    qwen = architecture == QWEN
+    qwen = architecture in (QWEN, QWEN3)
     info = qwen_vl.describe_config(hf_config.vision_config) if qwen else describe_llava_config(hf_config, architecture)
     try:
         schedule = KeepSchedule.for_model(entry["keep_schedule"], info)

@@ -22,7 +22,7 @@ compat.import_torchvision()  # before vLLM's LLaVA, which imports transformers' 
 import numpy as np  # noqa: E402
 from vllm.distributed import tensor_model_parallel_all_reduce  # noqa: E402
 from vllm.model_executor.layers.attention import MMEncoderAttention  # noqa: E402
-from vllm.model_executor.models import llava, qwen2_5_vl  # noqa: E402
+from vllm.model_executor.models import llava, qwen2_5_vl, qwen3_vl  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
@@ -31,7 +31,7 @@ from ..core import gather_tokens  # noqa: E402
 from ..errors import InputError  # noqa: E402
 from ..patch import SaintState, make_droppers  # noqa: E402
 from ..schedule import ScheduleError  # noqa: E402
-from . import QWEN, settings  # noqa: E402
+from . import QWEN, QWEN3, settings  # noqa: E402
 
 
 class SaintLlavaProcessingInfo(llava.LlavaProcessingInfo):
@@ -173,13 +173,14 @@ def decode_positions(columns: torch.Tensor) -> torch.Tensor:
     return pairs[..., 0] * POSITION_BASE + pairs[..., 1]
 
 
-class SaintQwen2_5_VLProcessor(qwen2_5_vl.Qwen2_5_VLMultiModalProcessor):
-    """vLLM's Qwen2.5-VL processor writing K(grid) placeholders per image when the config has `saint`."""
+class _SaintQwenPlaceholders:
+    """A Qwen processor writing K(grid) placeholders per image when the config has `saint`."""
+    architecture: str
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         config = self.info.get_hf_config()
-        found = settings(config, QWEN)
+        found = settings(config, self.architecture)
         if found is None:
             return updates
         points = len(qwen_vl.pruning_points(config.vision_config))
@@ -196,22 +197,29 @@ class SaintQwen2_5_VLProcessor(qwen2_5_vl.Qwen2_5_VLMultiModalProcessor):
                 if update.modality == "image" else update for update in updates]
 
 
-@MULTIMODAL_REGISTRY.register_processor(SaintQwen2_5_VLProcessor, info=qwen2_5_vl.Qwen2_5_VLProcessingInfo,
-                                        dummy_inputs=qwen2_5_vl.Qwen2_5_VLDummyInputsBuilder)
-class SaintQwen2_5_VLForConditionalGeneration(qwen2_5_vl.Qwen2_5_VLForConditionalGeneration):
-    """vLLM's Qwen2.5-VL whose tower runs SAINT when the config has a `saint` entry."""
+class SaintQwen2_5_VLProcessor(_SaintQwenPlaceholders, qwen2_5_vl.Qwen2_5_VLMultiModalProcessor):
+    architecture = QWEN
 
+
+class SaintQwen3VLProcessor(_SaintQwenPlaceholders, qwen3_vl.Qwen3VLMultiModalProcessor):
+    architecture = QWEN3
+
+
+class _SaintQwen:
+    """What SAINT adds to vLLM's Qwen2.5-VL and Qwen3-VL when the config has a `saint` entry (the
+    mixin goes first in the bases, so `super()` is vLLM's class)."""
+    architecture: str
     # The grids the load-time check runs the built tower on (t, h, w patches): square, tall, wide,
-    # the smallest the processor makes (56 × 56 px) and one larger than a window.
+    # the smallest the processor makes (4 × 4 patches) and one larger than a window.
     CHECK_GRIDS = ((1, 16, 16), (1, 24, 8), (1, 8, 24), (1, 4, 4), (1, 36, 20))
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vLLM reads these parameter names
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint = found = settings(self.config, QWEN)
+        self.saint = found = settings(self.config, self.architecture)
         if found is None:
             return
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
-            raise InputError("SAINT in vLLM's Qwen2.5-VL fixes image positions on the first pipeline stage only: "
+            raise InputError("SAINT in vLLM's Qwen models fixes image positions on the first pipeline stage only: "
                              "use pipeline_parallel_size 1")
         if self.is_multimodal_pruning_enabled:
             raise InputError("video_pruning_rate (vLLM's EVS) and a 'saint' entry both rewrite M-RoPE positions: "
@@ -276,8 +284,7 @@ class SaintQwen2_5_VLForConditionalGeneration(qwen2_5_vl.Qwen2_5_VLForConditiona
         tokens, features = prompt(kept)
         positions, delta = self.get_mrope_input_positions(tokens, features)
         unpruned_tokens, unpruned_features = prompt(int(np.prod(grid)) // self.visual.spatial_merge_unit)
-        unpruned, unpruned_delta = qwen2_5_vl.Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions(
-            self, unpruned_tokens, unpruned_features)
+        unpruned, unpruned_delta = super().get_mrope_input_positions(unpruned_tokens, unpruned_features)
         if positions.shape != (3, len(tokens)) or not torch.equal(positions[:, -2:], unpruned[:, -2:]) \
                 or len(tokens) + delta != len(unpruned_tokens) + unpruned_delta:
             raise ValueError(f"SAINT: the M-RoPE positions of a {grid[1]}×{grid[2]}-patch image's prompt do not "
@@ -306,9 +313,11 @@ class SaintQwen2_5_VLForConditionalGeneration(qwen2_5_vl.Qwen2_5_VLForConditiona
         return embeddings
 
     def _saint_image(self, patches: torch.Tensor, grid) -> torch.Tensor:
-        """One image's surviving features in raster order, with their (t, h, w) as extra columns."""
+        """One image's surviving features in raster order (Qwen3-VL: with its DeepStack features as
+        further columns, as vLLM's tower returns them), and their (t, h, w) as extra columns."""
         grid = tuple(int(v) for v in grid)
-        features, raster = saint_qwen_tower(self.visual, patches, grid, self.saint_droppers(grid))
+        tower = saint_qwen3_tower if self.architecture == QWEN3 else saint_qwen_tower
+        features, raster = tower(self.visual, patches, grid, self.saint_droppers(grid))
         return torch.cat([features, encode_positions(qwen_vl.grid_positions(raster, grid), features.dtype)], 1)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
@@ -326,6 +335,20 @@ class SaintQwen2_5_VLForConditionalGeneration(qwen2_5_vl.Qwen2_5_VLForConditiona
             positions.add_(offsets)
             offsets.zero_()
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+@MULTIMODAL_REGISTRY.register_processor(SaintQwen2_5_VLProcessor, info=qwen2_5_vl.Qwen2_5_VLProcessingInfo,
+                                        dummy_inputs=qwen2_5_vl.Qwen2_5_VLDummyInputsBuilder)
+class SaintQwen2_5_VLForConditionalGeneration(_SaintQwen, qwen2_5_vl.Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL whose tower runs SAINT when the config has a `saint` entry."""
+    architecture = QWEN
+
+
+@MULTIMODAL_REGISTRY.register_processor(SaintQwen3VLProcessor, info=qwen3_vl.Qwen3VLProcessingInfo,
+                                        dummy_inputs=qwen3_vl.Qwen3VLDummyInputsBuilder)
+class SaintQwen3VLForConditionalGeneration(_SaintQwen, qwen3_vl.Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL whose tower runs SAINT when the config has a `saint` entry."""
+    architecture = QWEN3
 
 
 def pruned_prompt_positions(input_tokens: list[int], mm_features, image_token: int, unit: int, unpruned_positions):
@@ -403,6 +426,39 @@ def saint_qwen_tower(visual, patches: torch.Tensor, grid: tuple[int, int, int], 
     raster = window_index[alive]
     order = raster.argsort()
     return merged[order], raster[order]
+
+
+def saint_qwen3_tower(visual, patches: torch.Tensor, grid: tuple[int, int, int], droppers: dict):
+    """vLLM's Qwen3-VL tower on one image's patches with SAINT after any block's attention residual,
+    as saint_export.adapters.qwen_vl.pruned_tower prunes transformers' tower: whole merge groups,
+    the DeepStack features taken earlier losing the same groups. Returns (features [K, D_llm · (1 +
+    DeepStack levels)] in raster order, as vLLM's tower lays out its rows; their raster indices)."""
+    unit = visual.spatial_merge_unit
+    metadata = visual.prepare_encoder_metadata([grid])
+    x = visual.patch_embed(visual.input_norm(patches.to(device=visual.device), visual.dtype))
+    x = (x + metadata["pos_embeds"]).unsqueeze(1)
+    cos, sin = metadata["rotary_pos_emb_cos"], metadata["rotary_pos_emb_sin"]
+    alive = torch.arange(x.shape[0] // unit, device=x.device)  # raster-order groups still there
+    deepstack = []
+    for index, block in enumerate(visual.blocks):
+        varlen = _varlen(visual, [len(alive) * unit])
+        x = x + block.attn(block.norm1(x), rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **varlen)
+        qkv = block.attn.saint_qkv.pop()
+        if index in droppers:
+            attention = block.attn
+            keys = head_mean_keys(qkv[:, 0], attention.num_attention_heads_per_partition, visual.num_heads,
+                                  attention.tp_size)
+            keep = droppers[index](keys.view(1, -1, unit, keys.shape[-1]).mean(2))
+            if keep is not None:  # whole groups go, from the tokens and from earlier DeepStack features
+                keep = keep[0].sort().values
+                x, cos, sin = (t.view(len(alive), unit, -1)[keep].reshape(len(keep) * unit, *t.shape[1:])
+                               for t in (x, cos, sin))
+                deepstack = [d[keep] for d in deepstack]
+                alive = alive[keep]
+        x = x + block.mlp(block.norm2(x))
+        if index in visual.deepstack_visual_indexes:
+            deepstack.append(visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(index)](x))
+    return torch.cat([visual.merger(x), *deepstack], 1), alive
 
 
 def _varlen(visual, lengths: list[int]) -> dict:

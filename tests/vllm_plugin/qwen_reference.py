@@ -4,6 +4,8 @@ compat.VLM_FAMILIES_MIN, above vLLM's pinned release, so the test runs this in t
 environment:
 
     python qwen_reference.py CHECKPOINT SCHEDULE TAU NEW_TOKENS   → JSON [[prompt length, tokens], …]
+
+(Qwen2.5-VL or Qwen3-VL, whichever the checkpoint holds).
 """
 import json
 import sys
@@ -21,9 +23,9 @@ def main(checkpoint: str, schedule: str, tau: float, new_tokens: int) -> list:
     from saint_export import compat
 
     compat.import_torchvision()  # before transformers' image processors
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
     se.apply(model, schedule, tau=tau)
     processor = AutoProcessor.from_pretrained(checkpoint)
     seen = []  # the prompt length the language model gets, after the input fit

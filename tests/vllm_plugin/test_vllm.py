@@ -211,8 +211,8 @@ def test_a_model_the_plugin_does_not_cover_is_refused(checkpoint, tmp_path):
     other.mkdir()
     config = json.loads((checkpoint / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "architectures": ["LlavaNextForConditionalGeneration"]}))
-    with pytest.raises(InputError, match="covers LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration; "
-                                         "LlavaNextForConditionalGeneration"):
+    with pytest.raises(InputError, match="covers LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, "
+                                         "Qwen3VLForConditionalGeneration; LlavaNextForConditionalGeneration"):
         plugin.check(str(other), plugin.overrides("degree30@1"))
     from saint_export.vllm import model
 

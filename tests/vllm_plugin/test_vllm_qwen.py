@@ -38,26 +38,39 @@ SCHEDULES = [("early50", 0.75), ("r:3,2", 0.5)]  # early50: all at block 1 (2 po
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
+def checkpoints(tmp_path_factory):
+    """family → its tiny checkpoint, built once."""
     from saint_export import compat
 
     compat.import_torchvision()
-    return tiny_qwen.build(tmp_path_factory.mktemp("tiny-qwen"))
+    return {family: tiny_qwen.build(tmp_path_factory.mktemp(family), family) for family in tiny_qwen.FAMILIES}
 
 
 @pytest.fixture(scope="session")
-def reference(checkpoint):
-    """se.apply in transformers, per schedule: [[prompt length the language model gets, tokens], …]."""
+def checkpoint(checkpoints):
+    return checkpoints["qwen2.5-vl"]
+
+
+@pytest.fixture(scope="session")
+def references():
+    """se.apply in transformers, per checkpoint and schedule: [[prompt length the language model
+    gets, tokens], …] per image."""
     cache = {}
 
-    def run(schedule, tau):
-        if (schedule, tau) not in cache:
+    def run(checkpoint, schedule, tau):
+        key = (str(checkpoint), schedule, tau)
+        if key not in cache:
             out = subprocess.run([str(MAIN_PYTHON), str(HERE / "qwen_reference.py"), str(checkpoint), schedule,
                                   str(tau), str(NEW_TOKENS)], capture_output=True, text=True, timeout=600)
             assert out.returncode == 0, out.stderr[-3000:]
-            cache[schedule, tau] = [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
-        return cache[schedule, tau]
+            cache[key] = [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
+        return cache[key]
     return run
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoint, references):
+    return lambda schedule, tau: references(checkpoint, schedule, tau)
 
 
 def vllm_greedy(checkpoint, **kwargs):
@@ -77,6 +90,20 @@ def test_qwen_plugin_generations_equal_se_apply_in_transformers(checkpoint, refe
     unpruned = reference("none", 0.75)
     assert all(p < u for (p, _), (u, _) in zip(found, unpruned))  # images were pruned
     assert len({tuple(tokens) for _, tokens in found}) > 1  # three images, not one answer: not vacuous
+
+
+@pytest.mark.parametrize("schedule, tau", SCHEDULES)
+def test_qwen3_plugin_generations_equal_se_apply_in_transformers(checkpoints, references, schedule, tau):
+    """Qwen3-VL: SAINT at any block, DeepStack rows pruned with their features, interleaved M-RoPE."""
+    checkpoint = checkpoints["qwen3-vl"]
+    found = vllm_greedy(checkpoint, hf_overrides=plugin.overrides(schedule, tau=tau))
+    assert found == references(checkpoint, schedule, tau)
+    assert all(p < u for (p, _), (u, _) in zip(found, references(checkpoint, "none", 0.75)))
+    assert len({tuple(tokens) for _, tokens in found}) > 1
+
+
+def test_qwen3_without_a_saint_entry_vllm_equals_transformers(checkpoints, references):
+    assert vllm_greedy(checkpoints["qwen3-vl"]) == references(checkpoints["qwen3-vl"], "none", 0.75)
 
 
 def test_qwen_tensor_parallel_ranks_keep_the_tokens_one_rank_keeps(checkpoint, reference, monkeypatch):

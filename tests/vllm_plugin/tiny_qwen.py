@@ -1,8 +1,11 @@
-"""A tiny random Qwen2.5-VL checkpoint that vLLM and transformers both load offline: a 4-block
-tower with Qwen2.5-VL's windowed layout (full attention at blocks 1 and 3, 56-px windows of 2 × 2
-merge groups, 14-px patches), a 2-layer Qwen2 language model with M-RoPE, a byte-level BPE
-tokenizer trained here with Qwen's special tokens, the image processor (56 × 56 px up to 64 merged
-tokens) and a chat template."""
+"""Tiny random Qwen2.5-VL and Qwen3-VL checkpoints that vLLM and transformers both load offline:
+- Qwen2.5-VL: a 4-block tower with its windowed layout (full attention at blocks 1 and 3, 56-px
+  windows of 2 × 2 merge groups, 14-px patches), a 2-layer Qwen2 language model with M-RoPE;
+- Qwen3-VL: a 4-block full-attention tower with learned positions on a 4 × 4 table and DeepStack
+  after blocks 1 and 2 (14-px patches, as the Qwen2.5 images), a 2-layer Qwen3 language model
+  with interleaved M-RoPE;
+each with a byte-level BPE tokenizer trained here with Qwen's special tokens, the image processor
+(56 × 56 px up to 64 merged tokens) and a chat template."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,28 +56,41 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
-def build(folder: Path, seed: int = 0) -> Path:
-    """Write the checkpoint (save_pretrained layout) to `folder` and return it."""
+FAMILIES = ("qwen2.5-vl", "qwen3-vl")
+
+
+def build(folder: Path, family: str = "qwen2.5-vl", seed: int = 0) -> Path:
+    """Write the checkpoint (save_pretrained layout) of `family` to `folder` and return it."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor)
+                              Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     tokenizer = make_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    config = Qwen2_5_VLConfig(
-        vision_config=dict(depth=4, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128,
-                           fullatt_block_indexes=[1, 3], window_size=56, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, in_channels=3, tokens_per_second=2),
-        text_config=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=256, vocab_size=len(tokenizer), max_position_embeddings=1024,
-                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         bos_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6])),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  tie_word_embeddings=False)
+    text = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=256, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|endoftext|>"],
+                tie_word_embeddings=False)
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6])
+    if family == "qwen3-vl":
+        config = Qwen3VLConfig(
+            vision_config=dict(depth=4, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                               num_position_embeddings=16, deepstack_visual_indexes=[1, 2]),
+            text_config=dict(text, head_dim=32, rope_parameters=dict(rope, mrope_interleaved=True)), **tokens)
+    else:
+        config = Qwen2_5_VLConfig(
+            vision_config=dict(depth=4, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128,
+                               fullatt_block_indexes=[1, 3], window_size=56, patch_size=14, spatial_merge_size=2,
+                               temporal_patch_size=2, in_channels=3, tokens_per_second=2),
+            text_config=dict(text, rope_parameters=rope), **tokens)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    cls = Qwen3VLForConditionalGeneration if family == "qwen3-vl" else Qwen2_5_VLForConditionalGeneration
+    model = cls(config).eval()
     with torch.no_grad():  # random weights with some structure, so that tokens differ and generation varies
         for parameter in model.parameters():
             if parameter.dim() > 1:
@@ -85,7 +101,8 @@ def build(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}
     patches = dict(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
-    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**patches), tokenizer=tokenizer,
-                        video_processor=Qwen2VLVideoProcessor(**patches),
-                        chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    processor, video = ((Qwen3VLProcessor, Qwen3VLVideoProcessor) if family == "qwen3-vl" else
+                        (Qwen2_5_VLProcessor, Qwen2VLVideoProcessor))
+    processor(image_processor=Qwen2VLImageProcessor(**patches), tokenizer=tokenizer, video_processor=video(**patches),
+              chat_template=CHAT_TEMPLATE).save_pretrained(folder)
     return folder
