@@ -179,13 +179,17 @@ class _SaintQwenPlaceholders:
     """A Qwen processor writing K(grid) placeholders per image when the config has `saint`."""
     architecture: str
 
+    @functools.cached_property
+    def saint(self):
+        """The model's resolved `saint` entry, once per processor (not once per request)."""
+        return settings(self.info.get_hf_config(), self.architecture)
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        config = self.info.get_hf_config()
-        found = settings(config, self.architecture)
+        found = self.saint
         if found is None:
             return updates
-        points = len(qwen_vl.pruning_points(config.vision_config))
+        points = len(qwen_vl.pruning_points(self.info.get_hf_config().vision_config))
 
         def image_tokens(item_idx: int, target: list):
             grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data.tolist()
@@ -412,17 +416,10 @@ def saint_qwen_tower(visual, patches: torch.Tensor, grid: tuple[int, int, int], 
             x = block(x, rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **varlen)
             continue
         x = x + block.attn(block.norm1(x), rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **varlen)
-        qkv = block.attn.saint_qkv.pop()
-        if index in droppers:
-            attention = block.attn
-            keys = head_mean_keys(qkv[:, 0], attention.num_attention_heads_per_partition, visual.num_heads,
-                                  attention.tp_size)
-            keep = droppers[index](keys.view(1, -1, unit, keys.shape[-1]).mean(2))
-            if keep is not None:  # whole groups go
-                keep = keep[0].sort().values
-                x, cos, sin = (t.view(len(alive), unit, -1)[keep].reshape(len(keep) * unit, *t.shape[1:])
-                               for t in (x, cos, sin))
-                alive = alive[keep]
+        keep = _surviving_groups(visual, block, droppers.get(index))
+        if keep is not None:  # whole groups go
+            x, cos, sin = _keep_groups((x, cos, sin), keep, unit)
+            alive = alive[keep]
         x = x + block.mlp(block.norm2(x))
     merged = visual.merger(x)
     raster = window_index[alive]
@@ -445,22 +442,33 @@ def saint_qwen3_tower(visual, patches: torch.Tensor, grid: tuple[int, int, int],
     for index, block in enumerate(visual.blocks):
         varlen = _varlen(visual, [len(alive) * unit])
         x = x + block.attn(block.norm1(x), rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **varlen)
-        qkv = block.attn.saint_qkv.pop()
-        if index in droppers:
-            attention = block.attn
-            keys = head_mean_keys(qkv[:, 0], attention.num_attention_heads_per_partition, visual.num_heads,
-                                  attention.tp_size)
-            keep = droppers[index](keys.view(1, -1, unit, keys.shape[-1]).mean(2))
-            if keep is not None:  # whole groups go, from the tokens and from earlier DeepStack features
-                keep = keep[0].sort().values
-                x, cos, sin = (t.view(len(alive), unit, -1)[keep].reshape(len(keep) * unit, *t.shape[1:])
-                               for t in (x, cos, sin))
-                deepstack = [d[keep] for d in deepstack]
-                alive = alive[keep]
+        keep = _surviving_groups(visual, block, droppers.get(index))
+        if keep is not None:  # whole groups go, from the tokens and from earlier DeepStack features
+            x, cos, sin = _keep_groups((x, cos, sin), keep, unit)
+            deepstack = [d[keep] for d in deepstack]
+            alive = alive[keep]
         x = x + block.mlp(block.norm2(x))
         if index in visual.deepstack_visual_indexes:
             deepstack.append(visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(index)](x))
     return torch.cat([visual.merger(x), *deepstack], 1), alive
+
+
+def _surviving_groups(visual, block, dropper) -> torch.Tensor | None:
+    """The merge groups (ascending) that `dropper` keeps after `block`'s attention, scored on the
+    keys its qkv hook recorded (taken off the hook's list at every hooked block); None: all stay."""
+    attention = block.attn
+    qkv = attention.saint_qkv.pop()
+    if dropper is None:
+        return None
+    keys = head_mean_keys(qkv[:, 0], attention.num_attention_heads_per_partition, visual.num_heads,
+                          attention.tp_size)
+    keep = dropper(keys.view(1, -1, visual.spatial_merge_unit, keys.shape[-1]).mean(2))
+    return None if keep is None else keep[0].sort().values
+
+
+def _keep_groups(tensors, keep: torch.Tensor, unit: int) -> tuple:
+    """Rows [N, ...] laid out in groups of `unit` consecutive rows → the rows of the groups `keep`."""
+    return tuple(t.view(len(t) // unit, unit, -1)[keep].reshape(len(keep) * unit, *t.shape[1:]) for t in tensors)
 
 
 def _varlen(visual, lengths: list[int]) -> dict:
