@@ -333,6 +333,14 @@ def test_export_passes_the_gate_at_batch_1_and_3_with_patch_positions(family, tm
     packed = llava_anyres.image_features(model, x["pixel_values"], x["image_sizes"])[1]
     handed_off = llava_anyres._pack(model, torch.from_numpy(got), torch.from_numpy(positions), [60, 60], 0)
     assert packed.shape == (165, 48) and torch.allclose(handed_off, packed, atol=1e-5, rtol=0)
+    # Triton's production repository serves every output of the folder, the positions too.
+    from saint_export import serving
+    from saint_export.serving import configs
+
+    repo = serving.write_repository(tmp_path / "f", tmp_path / "repo", check=False).path
+    outputs = configs.parse((repo / "saint_onnx" / "config.pbtxt").read_text()).output
+    assert [(t.name, list(t.dims), configs._pb().DataType.Name(t.data_type)) for t in outputs] == \
+        [("image_features", [33, 48], "TYPE_FP32"), ("image_positions", [33], "TYPE_INT64")]
 
 
 def test_aliases_resolve_offline():

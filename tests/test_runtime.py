@@ -1,10 +1,12 @@
 """saint_export.runtime: torch-free, checks folders before running them, numpy in and out."""
 import json
+import queue
 import re
 import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,21 +248,87 @@ def test_an_edited_degree_schedule_is_refused(tmp_path):
             rt.open(folder)
 
 
-def test_a_runner_that_returns_the_main_output_only_refuses_the_others_in_one_line():
-    """What infer_all does on a backend that binds one output (the TensorRT runner so far)."""
+class FakeEngine:
+    """What TrtRunner reads of a TensorRT engine and its execution context, run with numpy: a
+    features engine with an fp16 input, the features (fp32) and their positions (int64)."""
+    INPUT, OUTPUTS = "pixel_values", {"image_features": np.float32, "image_positions": np.int64}
+    num_io_tensors = 3
+
+    def get_tensor_name(self, index):
+        return [self.INPUT, *self.OUTPUTS][index]
+
+    def get_tensor_dtype(self, name):
+        return np.float16 if name == self.INPUT else self.OUTPUTS[name]
+
+
+class FakeContext:
+    def __init__(self, memory):
+        self.memory, self.addresses = memory, {}
+
+    def set_input_shape(self, name, shape):
+        self.batch = shape[0]
+
+    def get_tensor_shape(self, name):
+        return (self.batch, 3) if name == "image_features" else (self.batch, 2)
+
+    def set_tensor_address(self, name, pointer):
+        self.addresses[name] = pointer
+
+    def execute_async_v3(self, stream):
+        if set(self.addresses) != {FakeEngine.INPUT, *FakeEngine.OUTPUTS}:
+            return False  # TensorRT runs only with every tensor bound
+        x = self.memory[self.addresses[FakeEngine.INPUT]]
+        assert x.dtype == np.float16  # cast to the engine's input dtype
+        self.memory[self.addresses["image_features"]][...] = x.mean(axis=(2, 3))
+        self.memory[self.addresses["image_positions"]][...] = np.arange(2)
+        return True
+
+
+def fake_trt_runner(memory):
+    """A TrtRunner over FakeEngine, with device memory as numpy arrays keyed by their 'pointer'."""
+    from types import SimpleNamespace
+
     from saint_export.manifest import TensorRecord
 
-    class MainOutputOnly(rt.Runner):
-        backend = "tensorrt"
+    class DeviceArray:
+        def __init__(self, shape, dtype):
+            self.ptr = len(memory)
+            memory[self.ptr] = np.empty(shape, dtype)
 
-        def _run(self, x):
-            return x.mean(axis=(2, 3))
+        def copy_from(self, array, stream):
+            memory[self.ptr][...] = array
 
-    runner = MainOutputOnly("model.plan", TensorRecord("pixel_values", ["batch", 3, 4, 4]),
-                            TensorRecord("image_features", ["batch", 3]), max_batch=2)
-    x = np.ones((3, 3, 4, 4), np.float32)
-    assert list(runner.infer_all(x)) == ["image_features"] and runner.infer_all(x)["image_features"].shape == (3, 3)
+        def copy_to(self, array, stream):
+            array[...] = memory[self.ptr]
+
+        def free(self):
+            pass
+
+    runner = rt.TrtRunner.__new__(rt.TrtRunner)
+    rt.Runner.__init__(runner, Path("model.plan"), TensorRecord("pixel_values", ["batch", 3, 4, 4]),
+                       TensorRecord("image_features", ["batch", 3]), max_batch=2)
+    runner.backend, runner.engine, runner._cuda = "tensorrt", FakeEngine(), SimpleNamespace(DeviceArray=DeviceArray)
+    runner._trt_nptype = lambda dtype: dtype
+    runner._outputs = list(FakeEngine.OUTPUTS)
+    runner._pool = queue.Queue()
+    runner._pool.put((FakeContext(memory), SimpleNamespace(ptr=0, synchronize=lambda: None)))
+    return runner
+
+
+def test_the_tensorrt_runner_binds_every_output_in_the_engines_dtypes():
+    """TensorRT runs an engine only with all its outputs bound: `infer` on a features engine binds
+    the positions too, and `infer_all` returns them in the engine's dtype (batches split at 2)."""
+    runner = fake_trt_runner({})
+    x = np.random.default_rng(0).random((3, 3, 4, 4), dtype=np.float32)
+    features = runner.infer(x)
+    assert features.dtype == np.float32 and np.allclose(features, x.mean(axis=(2, 3)), atol=1e-3)
     runner.extra_output_names = ("image_positions",)
-    with pytest.raises(rt.BackendError, match=r"^the tensorrt runner returns image_features only so far; read "
-                                              r"image_positions with backend='onnxruntime'$"):
+    outputs = runner.infer_all(x)
+    assert list(outputs) == ["image_features", "image_positions"]
+    assert outputs["image_positions"].dtype == np.int64 and outputs["image_positions"].tolist() == [[0, 1]] * 3
+    runner.extra_output_names = ("deepstack_features",)
+    with pytest.raises(rt.InputError, match=r"^model.plan has no output deepstack_features \(it has image_features, "
+                                            r"image_positions\): the manifest belongs to another engine$"):
         runner.infer_all(x)
+
+

@@ -113,7 +113,11 @@ def describe(model: torch.nn.Module) -> ModelInfo:
 
 def tokens_per_crop(model, dropped: int) -> tuple[int, int]:
     """Features per crop: (unpruned, after `dropped` tokens are gone)."""
-    config = _config(model)
+    return crop_token_counts(_config(model), dropped)
+
+
+def crop_token_counts(config, dropped: int) -> tuple[int, int]:
+    """The same from the model's config alone (what the vLLM plugin has)."""
     return hf_vision.llava_image_token_counts(config, _crop_info(config), dropped)
 
 
@@ -124,10 +128,12 @@ def _crop_info(config) -> ModelInfo:
 def image_info(model, image_size, crops: int | None = None) -> ModelInfo:
     """The tower as the keep schedule sees one crop of an image of `image_size` (height, width),
     cut into `crops` crops (default: as anyres cuts it): `early<P>` keeps BUDGET_RULE's share."""
-    config = _config(model)
+    return _budget_info(_config(model), *_counts(model, image_size, crops))
+
+
+def _budget_info(config, crops: int, unpruned: int) -> ModelInfo:
     info = _crop_info(config)
-    crops, unpruned = _counts(model, image_size, crops)
-    features = tokens_per_crop(model, 0)[0]
+    features = crop_token_counts(config, 0)[0]
     extra = features - info.num_patches  # a class token that reaches the features ('full' CLIP)
 
     def early_target(percent: float) -> int:
@@ -154,17 +160,32 @@ def _size_text(image_size, crops: int, unpruned: int) -> str:
 def crop_schedule(model, spec, image_size, crops: int | None = None) -> KeepSchedule:
     """`spec` resolved for one crop of an image of `image_size` (height, width) as BUDGET_RULE
     says; one line when the image cannot take it."""
-    crops, unpruned = _counts(model, image_size, crops)
+    return budget_schedule(_config(model), spec, image_size, *_counts(model, image_size, crops))
+
+
+def budget_schedule(config, spec: str, image_size, crops: int, unpruned: int) -> KeepSchedule:
+    """BUDGET_RULE's one home: `spec` resolved for one crop of an image of `image_size` (height,
+    width) cut into `crops` crops, which the unpruned model feeds the language model as `unpruned`
+    tokens (the processor's count), from the config alone: the transformers adapter and the vLLM
+    plugin's processor and tower all resolve budgets here. One line when the image cannot take it."""
     try:
-        schedule = KeepSchedule.for_model(spec, image_info(model, image_size, crops))
+        schedule = KeepSchedule.for_model(spec, _budget_info(config, crops, unpruned))
     except ScheduleError as err:
         raise ScheduleError(f"{_size_text(image_size, crops, unpruned)}: {err}") from None
-    kept = tokens_per_crop(model, sum(schedule.drops or ()))[1]
+    kept = crop_token_counts(config, sum(schedule.drops or ()))[1]
     if any(schedule.drops or ()) and kept * crops > unpruned:  # (nothing dropped: transformers' own packing)
         raise ScheduleError(f"{_size_text(image_size, crops, unpruned)}: keep schedule {schedule.spec!r} keeps {kept} "
                             f"features per crop, {kept * crops} in all, more than the unpruned model; use early<P>, "
                             "which scales with the image")
     return schedule
+
+
+def image_tokens(config, schedule: KeepSchedule, crops: int, unpruned: int) -> int:
+    """The features an image of `crops` crops feeds the language model under a `budget_schedule`:
+    K × crops when the tower prunes, else the processor's own count (transformers' packing)."""
+    if not any(schedule.drops or ()):
+        return unpruned
+    return crop_token_counts(config, sum(schedule.drops))[1] * crops
 
 
 class CropBudgets:
@@ -238,16 +259,24 @@ def _groups(droppers: list) -> list[list[int]]:
 
 
 def _pack(model, features: torch.Tensor, where: torch.Tensor, image_size, image: int) -> torch.Tensor:
-    """One image's crops' features [crops, K, D] (patch indices `where` [crops, K]) → the base
-    crop's, then the high-resolution survivors in raster order of the stitched grid."""
+    """One image's crops' features [crops, K, D] (patch indices `where` [crops, K]), packed."""
     if len(features) == 1:
         return features[0]
-    config = _config(model)
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    rows, cols = compat.anyres_grid(model, image_size)
-    if rows * cols != len(features) - 1:
+    grid = compat.anyres_grid(model, image_size)
+    if grid[0] * grid[1] != len(features) - 1:
         raise InputError(f"image {image}: {len(features) - 1} high-resolution crops, but its size asks for "
-                         f"{rows} × {cols}")
+                         f"{grid[0]} × {grid[1]}")
+    return pack_crops(features, where, grid, _config(model))
+
+
+def pack_crops(features: torch.Tensor, where: torch.Tensor, grid: tuple[int, int], config) -> torch.Tensor:
+    """PACKING's one home: one image's crops' features [crops, K, D] (patch indices `where`
+    [crops, K]; the high-resolution crops a `grid` of rows × columns) → the base crop's, then the
+    high-resolution survivors in raster order of the stitched grid: [K × crops, D]."""
+    if len(features) == 1:
+        return features[0]
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    rows, cols = grid
     crop = torch.arange(len(features) - 1, device=where.device)[:, None]
     row = (crop // cols) * side + where[1:] // side  # in the stitched grid
     col = (crop % cols) * side + where[1:] % side

@@ -63,10 +63,7 @@ class Runner:
         raise NotImplementedError
 
     def _run_all(self, x: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
-        if len(names) == 1:
-            return [self._run(x)]
-        raise BackendError(f"the {self.backend} runner returns {self.output_name} only so far; read "
-                           f"{', '.join(names[1:])} with backend='onnxruntime'")
+        raise NotImplementedError
 
     def close(self) -> None:
         self._closed = True
@@ -137,7 +134,8 @@ def ort_session(path: Path, providers: list[str] | None = None, threads: int | N
 class TrtRunner(Runner):
     """TensorRT or TensorRT-RTX with a pool of execution contexts (a context serves one call at a
     time; the engine and its weights are shared). Device memory through Polygraphy's CUDA
-    wrapper (ctypes over the CUDA runtime, no torch).
+    wrapper (ctypes over the CUDA runtime, no torch). Every output is bound, in the engine's dtypes;
+    `infer_all` returns a features engine's extra outputs too.
 
     Not yet run anywhere: no machine available to this project has had both TensorRT and a GPU."""
 
@@ -160,6 +158,9 @@ class TrtRunner(Runner):
                                f"{'; '.join(logger.errors)[:500]}")
         self.backend = backend.name
         self._check_io(input, output)
+        self._trt_nptype = trt.nptype
+        self._outputs = [name for name in map(self.engine.get_tensor_name, range(self.engine.num_io_tensors))
+                         if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT]
         self._pool: queue.Queue = queue.Queue()
         for _ in range(max(1, contexts)):
             self._pool.put((self.engine.create_execution_context(), cuda.Stream()))
@@ -177,26 +178,47 @@ class TrtRunner(Runner):
                 raise InputError(f"{self.path.name}: {record.name} is {shape} in the engine but "
                                  f"{record.shape} in the manifest")
 
+    def _nptype(self, dtype) -> type:
+        """TensorRT's dtype → numpy's, or one line for one numpy lacks (bfloat16, fp8 I/O)."""
+        try:
+            return self._trt_nptype(dtype)
+        except TypeError:
+            raise BackendError(f"{self.path.name} has {dtype} inputs or outputs, which numpy has no type for: "
+                               "export with float32 I/O") from None
+
     def _run(self, x: np.ndarray) -> np.ndarray:
-        cuda = self._cuda
+        return self._run_all(x, (self.output_name,))[0].astype(np.float32, copy=False)
+
+    def _run_all(self, x: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+        """One batch; every output of the engine is bound (TensorRT runs only with all of them
+        bound), each in the dtype the engine gives it, and `names` are returned. The input is cast
+        to the engine's input dtype (an engine built with fp16 I/O takes fp16)."""
+        cuda, engine = self._cuda, self.engine
         context, stream = self._pool.get()
         try:
+            x = x.astype(self._nptype(engine.get_tensor_dtype(self.input_name)), copy=False)
             context.set_input_shape(self.input_name, x.shape)
-            out = np.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=np.float32)
-            device_in = cuda.DeviceArray(shape=x.shape, dtype=np.float32)
-            device_out = cuda.DeviceArray(shape=out.shape, dtype=np.float32)
+            outputs = {name: np.empty(tuple(context.get_tensor_shape(name)),
+                                      dtype=self._nptype(engine.get_tensor_dtype(name))) for name in self._outputs}
+            missing = [name for name in names if name not in outputs]
+            if missing:
+                raise InputError(f"{self.path.name} has no output {', '.join(missing)} (it has "
+                                 f"{', '.join(outputs)}): the manifest belongs to another engine")
+            buffers = {name: cuda.DeviceArray(shape=a.shape, dtype=a.dtype)
+                       for name, a in {self.input_name: x, **outputs}.items()}
             try:
-                device_in.copy_from(x, stream)
-                context.set_tensor_address(self.input_name, device_in.ptr)
-                context.set_tensor_address(self.output_name, device_out.ptr)
+                buffers[self.input_name].copy_from(x, stream)
+                for name, buffer in buffers.items():
+                    context.set_tensor_address(name, buffer.ptr)
                 if not context.execute_async_v3(stream.ptr):
                     raise BackendError(f"{self.backend} failed to run {self.path.name}")
-                device_out.copy_to(out, stream)
+                for name, out in outputs.items():
+                    buffers[name].copy_to(out, stream)
                 stream.synchronize()
             finally:
-                device_in.free()
-                device_out.free()
-            return out
+                for buffer in buffers.values():
+                    buffer.free()
+            return [outputs[name] for name in names]
         finally:
             self._pool.put((context, stream))
 

@@ -82,9 +82,9 @@ def write_repository(folder, repository, model_name: str = "saint", *, instances
         labels = _labels(folder, manifest, onnx_folder)
         common = dict(max_batch_size=max_batch, instances=instances, queue_delay_us=queue_delay_us,
                       backend="onnxruntime", model_filename=manifest.onnx["file"])
-        configs.write(configs.model_config(onnx_name, *configs.classifier_tensors(manifest, labels),
+        configs.write(configs.model_config(onnx_name, *configs.model_tensors(manifest, labels),
                                            kind="KIND_GPU", **common), onnx_folder / "config.pbtxt")
-        configs.write(configs.model_config(onnx_name, *configs.classifier_tensors(manifest, labels), kind="KIND_CPU",
+        configs.write(configs.model_config(onnx_name, *configs.model_tensors(manifest, labels), kind="KIND_CPU",
                                            parameters={"intra_op_thread_count": 0, "inter_op_thread_count": 1},
                                            **common), onnx_folder / "configs" / f"{CPU_CONFIG}.pbtxt")
         result.models[onnx_name] = "ONNX Runtime (GPU instances; CPU instances with --model-config-name=cpu)"
@@ -111,7 +111,7 @@ def write_repository(folder, repository, model_name: str = "saint", *, instances
                 _place(static, staged.path / plugin_path)
             labels = _labels(folder, manifest, trt_folder)
             configs.write(configs.model_config(
-                trt_name, *configs.classifier_tensors(manifest, labels), kind="KIND_GPU", max_batch_size=max_batch,
+                trt_name, *configs.model_tensors(manifest, labels), kind="KIND_GPU", max_batch_size=max_batch,
                 instances=instances, queue_delay_us=queue_delay_us, platform="tensorrt_plan",
                 model_filename="model.plan"), trt_folder / "config.pbtxt")
             result.models[trt_name] = (f"TensorRT {engine.version} plan for compute capability "
@@ -200,7 +200,7 @@ def write_serving_repository(folder, repository: Path, manifest: Manifest, model
     _python_model(classifier, "Classifier")
     _labels(folder, manifest, classifier)
     configs.write(configs.model_config(
-        model_name, *configs.classifier_tensors(manifest, manifest.labels), max_batch_size=max_batch,
+        model_name, *configs.model_tensors(manifest, manifest.labels), max_batch_size=max_batch,
         instances=instances, queue_delay_us=queue_delay_us, backend="python",
         parameters={"folder": folder, "backend": backend, "allow_unverified": str(allow_unverified).lower(),
                     "threads": threads or 0}), classifier / "config.pbtxt")

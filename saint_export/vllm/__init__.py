@@ -23,12 +23,12 @@ from ..errors import InputError
 
 OVERRIDES_KEY = "saint"
 SETTINGS = ("keep_schedule", "tau", "K", "gamma")
-# LLaVA-1.5, Qwen2.5-VL and Qwen3-VL are covered. These multimodal models take no `saint` entry
-# yet: it is refused at start-up instead of being silently ignored.
+# LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL and Qwen3-VL are covered. These multimodal
+# models take no `saint` entry yet: it is refused at start-up instead of being silently ignored.
 QWEN, QWEN3 = "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"
-COVERED = ("LlavaForConditionalGeneration", QWEN, QWEN3)
-NOT_COVERED = ("LlavaNextForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
-               "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+NEXT, ONEVISION = "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"
+COVERED = ("LlavaForConditionalGeneration", NEXT, ONEVISION, QWEN, QWEN3)
+NOT_COVERED = ("LlavaNextVideoForConditionalGeneration", "Qwen2VLForConditionalGeneration")
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,17 @@ class Settings:
     tau: float
     K: int
     gamma: float
-    unpruned_tokens: int  # image features per image without SAINT (Qwen: of a NOMINAL_SIZE square image)
-    tokens: int  # after it: the placeholders per image (Qwen: per grid, kept_groups)
-    per_grid: bool = False  # Qwen: K follows each image's grid
+    unpruned_tokens: int  # image features per image without SAINT (Qwen: of a NOMINAL_SIZE square image;
+    tokens: int  # after it: the placeholders per image          anyres: per crop, of a one-crop image)
+    scope: str = "image"  # "image": one count for all; "grid" (Qwen), "crops" (anyres): each image's follows its size
 
     def summary(self) -> str:
         from ..adapters.qwen_vl import NOMINAL_SIZE
 
-        nominal = (f" for a {NOMINAL_SIZE} × {NOMINAL_SIZE} image (each image's count follows its size)"
-                   if self.per_grid else " per image")
+        nominal = {"image": " per image",
+                   "grid": f" for a {NOMINAL_SIZE} × {NOMINAL_SIZE} image (each image's count follows its size)",
+                   "crops": " per crop (each image's share of its unpruned count follows its size and crops: "
+                            "docs/vlm.md)"}[self.scope]
         return f"SAINT {self.schedule.spec}: {self.tokens} of {self.unpruned_tokens} image tokens{nominal}"
 
     def overrides(self) -> dict:
@@ -70,27 +72,38 @@ def settings(hf_config, architecture: str = "LlavaForConditionalGeneration") -> 
     unknown = sorted(set(entry) - set(SETTINGS))
     if unknown:
         raise InputError(f"the 'saint' entry has unknown keys {', '.join(unknown)} (known: {', '.join(SETTINGS)})")
-    from ..adapters import qwen_vl
+    from ..adapters import llava_anyres, qwen_vl
     from ..adapters.hf_vision import describe_llava_config, llava_image_token_counts
     from ..config import check_hyperparameters
     from ..schedule import KeepSchedule, ScheduleError
 
     tau, K, gamma = entry.get("tau", spec.TAU), entry.get("K", spec.VOTE_K), entry.get("gamma", spec.GAMMA)
     check_hyperparameters(tau, K, gamma)
-    qwen = architecture in (QWEN, QWEN3)
-    info = qwen_vl.describe_config(hf_config.vision_config) if qwen else describe_llava_config(hf_config, architecture)
+    scope = "grid" if architecture in (QWEN, QWEN3) else "crops" if architecture in (NEXT, ONEVISION) else "image"
+    # The counts Settings reports: Qwen, a NOMINAL_SIZE square image's; anyres, one crop's of a one-crop image
+    # (each image's counts follow its size: the processors resolve them per image).
     try:
-        schedule = KeepSchedule.for_model(entry["keep_schedule"], info)
+        if scope == "grid":
+            schedule = KeepSchedule.for_model(entry["keep_schedule"], qwen_vl.describe_config(hf_config.vision_config))
+        elif scope == "crops":
+            side = hf_config.vision_config.image_size
+            schedule = llava_anyres.budget_schedule(hf_config, entry["keep_schedule"], (side, side), 1,
+                                                    llava_anyres.crop_token_counts(hf_config, 0)[0])
+        else:
+            schedule = KeepSchedule.for_model(entry["keep_schedule"], describe_llava_config(hf_config, architecture))
         if not schedule.is_static:
             raise ScheduleError("keep schedule 'dynamic' decides per batch how many tokens go, but vLLM fixes each "
                                 "image's placeholder count before the tower runs: use a static schedule")
     except ScheduleError as err:
         raise InputError(str(err)) from None
-    if qwen:  # each image's count follows its grid; these are the nominal square image's
-        unpruned, kept = info.num_patches, schedule.patch_counts()[-1]
+    if scope == "grid":
+        unpruned, kept = schedule.num_patches, schedule.patch_counts()[-1]
+    elif scope == "crops":
+        unpruned, kept = llava_anyres.crop_token_counts(hf_config, sum(schedule.drops))
     else:
-        unpruned, kept = llava_image_token_counts(hf_config, info, sum(schedule.drops))
-    return Settings(schedule, float(tau), int(K), float(gamma), unpruned, kept, qwen)
+        unpruned, kept = llava_image_token_counts(hf_config, describe_llava_config(hf_config, architecture),
+                                                  sum(schedule.drops))
+    return Settings(schedule, float(tau), int(K), float(gamma), unpruned, kept, scope)
 
 
 def check_version() -> None:

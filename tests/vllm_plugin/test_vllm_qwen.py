@@ -3,12 +3,11 @@
 the survivors keep their unpruned M-RoPE positions, and a tower that returns another count stops
 the engine at start-up. A tiny random Qwen2.5-VL, offline.
 
-The transformers reference runs in the main environment (tests/vllm_plugin/qwen_reference.py):
+The transformers reference runs in the main environment (tests/vllm_plugin/reference.py):
 the Qwen adapter needs a newer transformers than vLLM pins."""
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,20 +19,15 @@ if importlib.util.find_spec("vllm") is None:
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ["HF_HUB_OFFLINE"] = "1"
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-MAIN_PYTHON = Path(os.environ.get("SAINT_MAIN_PYTHON", HERE.parents[1] / ".venv" / "bin" / "python"))
-if not MAIN_PYTHON.exists():
-    pytest.skip(f"needs the main environment (the README's install) at {MAIN_PYTHON} for the transformers "
-                "reference, or SAINT_MAIN_PYTHON", allow_module_level=True)
+sys.path.insert(0, str(Path(__file__).parent))
 
 from vllm import LLM, SamplingParams  # noqa: E402
 
 from saint_export import vllm as plugin  # noqa: E402
 
+import greedy  # noqa: E402
 import tiny_qwen  # noqa: E402
 
-NEW_TOKENS = 8
 SCHEDULES = [("early50", 0.75), ("r:3,2", 0.5)]  # early50: all at block 1 (2 points); r: at blocks 1 and 3
 
 
@@ -52,35 +46,12 @@ def checkpoint(checkpoints):
 
 
 @pytest.fixture(scope="session")
-def references():
-    """se.apply in transformers, per checkpoint and schedule: [[prompt length the language model
-    gets, tokens], …] per image."""
-    cache = {}
-
-    def run(checkpoint, schedule, tau):
-        key = (str(checkpoint), schedule, tau)
-        if key not in cache:
-            out = subprocess.run([str(MAIN_PYTHON), str(HERE / "qwen_reference.py"), str(checkpoint), schedule,
-                                  str(tau), str(NEW_TOKENS)], capture_output=True, text=True, timeout=600)
-            assert out.returncode == 0, out.stderr[-3000:]
-            cache[key] = [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
-        return cache[key]
-    return run
-
-
-@pytest.fixture(scope="session")
 def reference(checkpoint, references):
     return lambda schedule, tau: references(checkpoint, schedule, tau)
 
 
 def vllm_greedy(checkpoint, **kwargs):
-    """(prompt length, tokens) per image from vLLM, prefill in 16-token chunks (images span several)."""
-    llm = LLM(model=str(checkpoint), enforce_eager=True, dtype="float32", max_model_len=512,
-              limit_mm_per_prompt={"image": 1, "video": 0}, enable_chunked_prefill=True, max_num_batched_tokens=16,
-              **kwargs)
-    outputs = llm.generate([{"prompt": tiny_qwen.PROMPT, "multi_modal_data": {"image": image}}
-                            for image in tiny_qwen.images()], SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
-    return [(len(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]
+    return greedy.vllm_greedy(checkpoint, tiny_qwen, **kwargs)
 
 
 @pytest.mark.parametrize("schedule, tau", SCHEDULES)

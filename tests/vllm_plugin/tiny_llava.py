@@ -42,15 +42,15 @@ def build(folder: Path, seed: int = 0) -> Path:
     return save(model, tokenizer, folder)
 
 
-def make_tokenizer():
-    """A byte-level BPE trained on a small corpus, with `<image>` as a special token."""
+def make_tokenizer(extra_special: tuple[str, ...] = ()):
+    """A byte-level BPE trained on a small corpus, with `<image>` (and `extra_special`) as special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN],
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, *extra_special],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
