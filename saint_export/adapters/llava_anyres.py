@@ -262,7 +262,7 @@ def _pack(model, features: torch.Tensor, where: torch.Tensor, image_size, image:
     """One image's crops' features [crops, K, D] (patch indices `where` [crops, K]), packed."""
     if len(features) == 1:
         return features[0]
-    grid = compat.anyres_grid(model, image_size)
+    grid = compat.anyres_grid(_config(model), image_size)
     if grid[0] * grid[1] != len(features) - 1:
         raise InputError(f"image {image}: {len(features) - 1} high-resolution crops, but its size asks for "
                          f"{grid[0]} × {grid[1]}")
@@ -355,8 +355,9 @@ def features_record(model: torch.nn.Module, dropped: int) -> dict:
                         and config.vision_feature_select_strategy == "full" else "") + ")",
         "packing": PACKING,
         "transformers": "saint_export.apply(model, <keep schedule>) takes usual prompts and packs the crops itself",
-        "vllm": f"pack each image as 'packing' says and pass it as image embeddings (enable_mm_embeds=True): {kept} "
-                "× crops placeholders per image",
+        "vllm": f"pack each image's crops with saint_export.adapters.llava_anyres.pack_crops ('packing') and pass "
+                f"them as image embeddings ({kept} × crops rows per image, enable_mm_embeds=True) to vLLM with the "
+                "plugin's saint entry of this schedule, which batches any lengths (docs/vllm.md)",
     }
 
 

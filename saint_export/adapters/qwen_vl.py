@@ -514,7 +514,9 @@ def features_record(model: torch.nn.Module, dropped: int) -> dict:
                          f"(l < {len(deepstack)})"} if deepstack else {}),
         "transformers": "saint_export.apply(model, <keep schedule>) takes usual prompts; for features computed "
                         "elsewhere write K placeholders per image and pass position_ids built from image_positions",
-        "vllm": "not yet: vLLM sizes Qwen placeholders from image_grid_thw (docs/vlm.md)",
+        "vllm": "saint_export.vllm.qwen_image_embeddings(image_features, image_positions[, deepstack_features]) "
+                "with image_grid_thw, as image embeddings (enable_mm_embeds=True) to vLLM with the plugin's saint "
+                "entry of this schedule, which keeps the positions (docs/vllm.md)",
     }
 
 

@@ -72,7 +72,8 @@ def model_config(name: str, inputs: list, outputs: list, *, max_batch_size: int,
 def model_tensors(manifest: Manifest, labels: str | None) -> tuple[list, list]:
     """The folder's input, and its outputs: the main one and a features folder's extra outputs
     (`image_positions`, `deepstack_features`), which an LLM runtime needs beside the features."""
-    extra = [TensorRecord(t["name"], t["shape"], t["dtype"]) for t in (manifest.features or {}).get("extra_outputs", [])]
+    extra = [TensorRecord(t["name"], t["shape"], t["dtype"])
+             for t in (manifest.features or {}).get("extra_outputs", [])]
     return [tensor(manifest.input)], [tensor(manifest.output, output=True, labels=labels),
                                       *(tensor(record, output=True) for record in extra)]
 

@@ -106,6 +106,38 @@ def settings(hf_config, architecture: str = "LlavaForConditionalGeneration") -> 
     return Settings(schedule, float(tau), int(K), float(gamma), unpruned, kept, scope)
 
 
+# --- Qwen: each survivor's unpruned (t, h, w) travels beside its features -------------------------
+
+POSITION_BASE = 128  # each position travels as two columns < 128: exact in bf16 and fp16
+POSITION_COLUMNS = 6  # (t, h, w) × (high, low)
+
+
+def encode_positions(positions, dtype):
+    """[K, 3] non-negative integers below POSITION_BASE² → [K, POSITION_COLUMNS] of `dtype`."""
+    if positions.numel() and int(positions.max()) >= POSITION_BASE ** 2:
+        raise ValueError(f"SAINT: a merged grid beyond {POSITION_BASE ** 2} rows or columns")
+    import torch
+
+    return torch.stack([positions // POSITION_BASE, positions % POSITION_BASE], -1).flatten(1).to(dtype)
+
+
+def decode_positions(columns):
+    pairs = columns.round().long().unflatten(-1, (3, 2))
+    return pairs[..., 0] * POSITION_BASE + pairs[..., 1]
+
+
+def qwen_image_embeddings(features, positions, deepstack=None):
+    """One image's outputs of a Qwen features folder (`image_features` [K, D], `image_positions`
+    [K, 3], Qwen3-VL's `deepstack_features` [levels, K, D]; numpy or torch) as the rows the plugin
+    takes for `{"image_embeds": …, "image_grid_thw": …}`: features, DeepStack levels, then the
+    positions in POSITION_COLUMNS columns, as the plugin's own tower returns them (docs/vllm.md)."""
+    import torch
+
+    features = torch.as_tensor(features)
+    parts = [features, *(torch.as_tensor(deepstack) if deepstack is not None else ())]
+    return torch.cat([*parts, encode_positions(torch.as_tensor(positions), features.dtype)], 1)
+
+
 def check_version() -> None:
     """Refuse a vLLM release the plugin was not tested on (it subclasses vLLM's internals)."""
     import importlib.metadata

@@ -33,7 +33,8 @@ from ..core import gather_tokens  # noqa: E402
 from ..errors import InputError  # noqa: E402
 from ..patch import SaintState, droppers_for, make_droppers  # noqa: E402
 from ..schedule import ScheduleError  # noqa: E402
-from . import NEXT, ONEVISION, QWEN, QWEN3, settings  # noqa: E402
+from . import (NEXT, ONEVISION, POSITION_COLUMNS, QWEN, QWEN3, decode_positions, encode_positions,  # noqa: E402
+               settings)
 
 
 class SaintLlavaProcessingInfo(llava.LlavaProcessingInfo):
@@ -193,8 +194,7 @@ class _SaintAnyresPlaceholders:
 
     def _resolve_budget(self, height: int, width: int) -> AnyresBudget:
         config = self.get_hf_config()
-        grid = tuple(llava_next.get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints,
-                                                           config.vision_config.image_size))
+        grid = compat.anyres_grid(config, (height, width))
         crops = 1 + grid[0] * grid[1]
         unpruned = super().get_num_image_tokens(image_width=width, image_height=height)
         try:
@@ -262,15 +262,26 @@ class _SaintAnyres:
             with torch.inference_mode():
                 returned = len(self._saint_images([pixels], torch.tensor([[height, width]]))[0])
             if returned != budget.tokens:
-                raise ValueError(f"SAINT: the processor writes {budget.tokens} image placeholders but the tower returns "
-                                 f"{returned} features for a {width}×{height} image; vLLM would fail at the first "
-                                 "request")
+                raise ValueError(f"SAINT: the processor writes {budget.tokens} image placeholders but the tower "
+                                 f"returns {returned} features for a {width}×{height} image; vLLM would fail at the "
+                                 "first request")
+
+    def _parse_and_validate_image_input(self, **kwargs):
+        """Image embeddings (engine-made, packed: docs/vllm.md) of any length per image: vLLM's own
+        schema wants one length for all the images of a batch, which images of different sizes
+        do not have."""
+        embeds = kwargs.get("image_embeds")
+        if self.saint is None or embeds is None or kwargs.get("pixel_values") is not None:
+            return super()._parse_and_validate_image_input(**kwargs)
+        # (vLLM has checked their width against the language model's before they get here)
+        return {"type": "image_embeds", "data": list(embeds) if isinstance(embeds, (list, tuple)) else
+                list(embeds.unbind(0))}
 
     def _process_image_input(self, image_input):
         if self.saint is None:
             return super()._process_image_input(image_input)
-        if image_input["type"] != "pixel_values":
-            raise ValueError("SAINT: image embeddings carry no pixels to prune; serve them without a 'saint' entry")
+        if image_input["type"] == "image_embeds":  # as _parse_and_validate_image_input checked them
+            return image_input["data"]
         return self._saint_images(image_input["pixel_values"], image_input["image_sizes"])
 
     def _saint_images(self, pixel_values, image_sizes: torch.Tensor) -> list[torch.Tensor]:
@@ -285,8 +296,8 @@ class _SaintAnyres:
         for schedule, images in groups.items():
             if not any(schedule.drops):  # too small to lose a token: vLLM's own packing, as transformers'
                 for image in images:
-                    packed[image] = super()._process_image_input(
-                        {"type": "pixel_values", "pixel_values": [crops[image]], "image_sizes": image_sizes[[image]]})[0]
+                    alone = dict(type="pixel_values", pixel_values=[crops[image]], image_sizes=image_sizes[[image]])
+                    packed[image] = super()._process_image_input(alone)[0]
                 continue
             features, alive = _saint_tower(self.vision_tower, torch.cat([crops[i] for i in images]),
                                            self.saint_droppers(schedule), self.config)
@@ -326,22 +337,6 @@ class SaintLlavaOnevisionForConditionalGeneration(_SaintAnyres, llava_onevision.
 # positions, with chunked prefill too (the columns travel with the encoder cache's rows). Videos
 # run unpruned.
 
-POSITION_BASE = 128  # each position travels as two columns < 128: exact in bf16 and fp16
-POSITION_COLUMNS = 6  # (t, h, w) × (high, low)
-
-
-def encode_positions(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[K, 3] non-negative integers below POSITION_BASE² → [K, POSITION_COLUMNS] of `dtype`."""
-    if positions.numel() and int(positions.max()) >= POSITION_BASE ** 2:
-        raise ValueError(f"SAINT: a merged grid beyond {POSITION_BASE ** 2} rows or columns")
-    return torch.stack([positions // POSITION_BASE, positions % POSITION_BASE], -1).flatten(1).to(dtype)
-
-
-def decode_positions(columns: torch.Tensor) -> torch.Tensor:
-    pairs = columns.round().long().unflatten(-1, (3, 2))
-    return pairs[..., 0] * POSITION_BASE + pairs[..., 1]
-
-
 class _SaintQwenPlaceholders:
     """A Qwen processor writing K(grid) placeholders per image when the config has `saint`."""
     architecture: str
@@ -368,6 +363,19 @@ class _SaintQwenPlaceholders:
         return [PromptReplacement(modality="image", target=update.target,
                                   replacement=functools.partial(image_tokens, target=list(update.target)))
                 if update.modality == "image" else update for update in updates]
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        """Image embeddings (engine-made features, saint_export.vllm.qwen_image_embeddings) hold
+        K(grid) rows per image, not vLLM's unpruned count: they are cut per image accordingly."""
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+
+        fields = super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs)
+        if self.saint is None or "image_embeds" not in hf_inputs:
+            return fields
+        points = len(qwen_vl.pruning_points(self.info.get_hf_config().vision_config))
+        kept = [qwen_vl.kept_groups(self.saint.schedule.spec, points, grid)
+                for grid in hf_inputs["image_grid_thw"].tolist()]
+        return {**fields, "image_embeds": MultiModalFieldConfig.flat_from_sizes("image", torch.tensor(kept))}
 
 
 class SaintQwen2_5_VLProcessor(_SaintQwenPlaceholders, qwen2_5_vl.Qwen2_5_VLMultiModalProcessor):
@@ -478,12 +486,25 @@ class _SaintQwen:
                 grids = data["image_grid_thw"].tolist()
                 images = data["pixel_values"].split([int(np.prod(grid)) for grid in grids])
                 embeddings += tuple(self._saint_image(patches, grid) for patches, grid in zip(images, grids))
-            elif modality == "image":
-                raise ValueError("SAINT: image embeddings carry no pixels to prune; serve them without a 'saint' entry")
+            elif modality == "image":  # engine-made: K(grid) rows each, with their position columns
+                embeddings += self._saint_embeddings(data["image_embeds"], data["image_grid_thw"].tolist())
             else:  # videos, unpruned: their scheduled positions are already right
                 embeddings += tuple(torch.cat([e, e.new_zeros(len(e), POSITION_COLUMNS)], 1)
                                     for e in self._process_video_input(data))
         return embeddings
+
+    def _saint_embeddings(self, rows: torch.Tensor, grids: list) -> tuple[torch.Tensor, ...]:
+        """Image embeddings from a features engine (saint_export.vllm.qwen_image_embeddings), each
+        image's rows as `_saint_image` returns them, checked in one line."""
+        vision = self.config.vision_config
+        width = vision.out_hidden_size * (1 + len(getattr(vision, "deepstack_visual_indexes", None) or ()))
+        kept = [qwen_vl.kept_groups(self.saint.schedule.spec, len(self.saint_points), grid) for grid in grids]
+        if rows.shape != (sum(kept), width + POSITION_COLUMNS):
+            raise ValueError(f"SAINT: image embeddings for grids {grids} must be {sum(kept)} × "
+                             f"{width + POSITION_COLUMNS} (K(grid) rows {kept}; features, DeepStack, then "
+                             f"{POSITION_COLUMNS} position columns: saint_export.vllm.qwen_image_embeddings), got "
+                             f"{list(rows.shape)}")
+        return rows.split(kept)
 
     def _saint_image(self, patches: torch.Tensor, grid) -> torch.Tensor:
         """One image's surviving features in raster order (Qwen3-VL: with its DeepStack features as

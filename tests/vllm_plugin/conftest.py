@@ -35,3 +35,23 @@ def references():
             cache[key] = [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
         return cache[key]
     return run
+
+
+@pytest.fixture(scope="session")
+def exported_features(tmp_path_factory):
+    """(checkpoint, schedule, τ, image size) → a features folder exported from the checkpoint
+    (ONNX, parity gate passed) by export_features.py in the main environment; each once."""
+    if not MAIN_PYTHON.exists():
+        pytest.skip(f"needs the main environment (the README's install) at {MAIN_PYTHON} for the export")
+    cache = {}
+
+    def export(checkpoint, schedule, tau, img_size):
+        key = (str(checkpoint), schedule, tau, img_size)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp("features") / "folder"
+            out = subprocess.run([str(MAIN_PYTHON), str(HERE / "export_features.py"), str(checkpoint), str(folder),
+                                  schedule, str(tau), str(img_size)], capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stderr[-3000:]
+            cache[key] = folder
+        return cache[key]
+    return export

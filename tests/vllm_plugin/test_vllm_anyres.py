@@ -121,3 +121,44 @@ def test_anyres_settings_summary_and_refusals(checkpoints):
                                "count follows its size and crops: docs/vlm.md)")
     with pytest.raises(plugin.InputError, match="keep schedule 'dynamic' decides per batch"):
         plugin.check(str(checkpoints["llava-onevision"]), plugin.overrides("dynamic"))
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_features_from_our_engine_handed_to_vllm_give_the_plugins_tokens(checkpoints, references, exported_features,
+                                                                         family):
+    """A features folder (ONNX, run by saint_export.runtime) on each image's crops, packed by
+    llava_anyres.pack_crops and handed to vLLM as image embeddings: the tokens se.apply gives,
+    which the plugin's own tower gives (the tests above). r:10,10,10 keeps 34 per crop at every
+    size, so one export serves all four images. With the plugin's `saint` entry the four images'
+    embeddings (three lengths) share batches; stock vLLM takes one length per batch only."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor
+    from vllm import LLM, SamplingParams
+
+    import saint_export.runtime as rt
+    from saint_export import compat
+    from saint_export.adapters import llava_anyres
+
+    checkpoint = checkpoints[family]
+    folder = exported_features(checkpoint, "r:10,10,10", 0.5, tiny.CROP)
+    config = AutoConfig.from_pretrained(checkpoint)
+    processor = AutoProcessor.from_pretrained(checkpoint).image_processor
+    embeds = []
+    with rt.open(folder) as runner:
+        for image in tiny.images():
+            processed = processor(image, return_tensors="pt")
+            size = processed.image_sizes[0].tolist()
+            grid = compat.anyres_grid(config, size)
+            outputs = runner.infer_all(processed.pixel_values[0, :1 + grid[0] * grid[1]].numpy())
+            embeds.append(llava_anyres.pack_crops(torch.from_numpy(outputs["image_features"]),
+                                                  torch.from_numpy(outputs["image_positions"]), grid, config))
+    llm = LLM(model=str(checkpoint), enforce_eager=True, dtype="float32", max_model_len=2048, enable_mm_embeds=True,
+              limit_mm_per_prompt={"image": 1, "video": 0}, hf_overrides=plugin.overrides("r:10,10,10", tau=0.5))
+    params = SamplingParams(max_tokens=greedy.NEW_TOKENS, temperature=0)
+    outputs = llm.generate([{"prompt": tiny.PROMPT, "multi_modal_data": {"image": e[None]}} for e in embeds], params)
+    found = [(len(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]
+    assert found == references(checkpoint, "r:10,10,10", 0.5)
+    with pytest.raises(ValueError, match=r"hidden dimension mismatch: got 127, but model expects 128"):
+        llm.generate([{"prompt": tiny.PROMPT, "multi_modal_data": {"image": embeds[0][None, :, :-1]}}], params)
+    assert llm.generate([{"prompt": tiny.PROMPT, "multi_modal_data": {"image": embeds[0][None]}}],
+                        params)[0].outputs[0].token_ids == found[0][1]  # and the engine serves on

@@ -26,6 +26,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 from saint_export import vllm as plugin  # noqa: E402
 
 import greedy  # noqa: E402
+from greedy import NEW_TOKENS  # noqa: E402
 import tiny_qwen  # noqa: E402
 
 SCHEDULES = [("early50", 0.75), ("r:3,2", 0.5)]  # early50: all at block 1 (2 points); r: at blocks 1 and 3
@@ -144,3 +145,46 @@ def test_the_wrapper_resolves_a_qwen_checkpoint(checkpoint):
 def test_qwen_refuses_evs_beside_saint(checkpoint):
     with pytest.raises(Exception, match="video_pruning_rate .* and a 'saint' entry"):
         vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50"), video_pruning_rate=0.5)
+
+
+def unpatchify(patches, grid, config):
+    """The processor's flattened patches of one image [t·h·w, C·T·P·P] (merge-group order) → the
+    image it normalised [1, C, H, W] (the first temporal frame): what a features engine takes."""
+    _, h, w = grid
+    p, m = config["patch_size"], config["spatial_merge_size"]
+    x = patches.reshape(h // m, w // m, m, m, 3, config["temporal_patch_size"], p, p)[:, :, :, :, :, 0]
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(1, 3, h * p, w * p).numpy()
+
+
+@pytest.mark.parametrize("family", tiny_qwen.FAMILIES)
+def test_features_from_our_engine_handed_to_the_plugin_give_its_tokens(checkpoints, references, exported_features,
+                                                                       family):
+    """A features folder (ONNX, run by saint_export.runtime) for the square image, handed to the
+    plugin as image embeddings with their positions (qwen_image_embeddings; Qwen3-VL's DeepStack
+    rows too): the tokens se.apply gives, which the plugin's own tower gives (the tests above)."""
+    import torch
+    from transformers import AutoProcessor
+
+    import saint_export.runtime as rt
+
+    checkpoint = checkpoints[family]
+    folder = exported_features(checkpoint, "early50", 0.75, 112)
+    square = tiny_qwen.images()[0]
+    processed = AutoProcessor.from_pretrained(checkpoint).image_processor(square, return_tensors="pt")
+    grid = processed.image_grid_thw[0].tolist()
+    vision = json.loads((checkpoint / "config.json").read_text())["vision_config"]
+    with rt.open(folder) as runner:
+        outputs = runner.infer_all(unpatchify(processed.pixel_values, grid, vision))
+    deepstack = outputs.get("deepstack_features")
+    embeds = plugin.qwen_image_embeddings(outputs["image_features"][0], outputs["image_positions"][0],
+                                          None if deepstack is None else deepstack[0])
+    llm = LLM(model=str(checkpoint), enforce_eager=True, dtype="float32", max_model_len=512, enable_mm_embeds=True,
+              limit_mm_per_prompt={"image": 1, "video": 0}, hf_overrides=plugin.overrides("early50", tau=0.75))
+    out = llm.generate([{"prompt": tiny_qwen.PROMPT, "multi_modal_data": {"image": {
+        "image_embeds": embeds, "image_grid_thw": torch.tensor([grid])}}}], SamplingParams(max_tokens=NEW_TOKENS,
+                                                                                            temperature=0))
+    assert (len(out[0].prompt_token_ids), list(out[0].outputs[0].token_ids)) == references(checkpoint, "early50",
+                                                                                           0.75)[0]
+    with pytest.raises(ValueError, match=r"SAINT: image embeddings for grids \[\[1, 8, 8\]\] must be 8 × "):
+        llm.generate([{"prompt": tiny_qwen.PROMPT, "multi_modal_data": {"image": {
+            "image_embeds": embeds[:, :-1], "image_grid_thw": torch.tensor([grid])}}}], SamplingParams(max_tokens=1))

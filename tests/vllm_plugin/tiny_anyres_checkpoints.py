@@ -79,8 +79,8 @@ def build(folder: Path, family: str = "llava-next", seed: int = 0) -> Path:
                                 video_processor=LlavaOnevisionVideoProcessor(size=size),
                                 num_image_tokens=(CROP // PATCH) ** 2, **common).save_pretrained(folder)
     else:
-        image_processor = LlavaNextImageProcessor(size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP},
-                                                  image_grid_pinpoints=PINPOINTS)
+        image_processor = LlavaNextImageProcessor(size={"shortest_edge": CROP}, image_grid_pinpoints=PINPOINTS,
+                                                  crop_size={"height": CROP, "width": CROP})
         LlavaNextProcessor(image_processor=image_processor, patch_size=PATCH, num_additional_image_tokens=1,
                            **common).save_pretrained(folder)
     return folder

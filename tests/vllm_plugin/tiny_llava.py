@@ -50,7 +50,8 @@ def make_tokenizer(extra_special: tuple[str, ...] = ()):
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, *extra_special],
+    trainer = trainers.BpeTrainer(vocab_size=600,
+                                  special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, *extra_special],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
