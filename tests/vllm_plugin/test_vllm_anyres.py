@@ -74,10 +74,11 @@ def test_anyres_prompt_lengths_are_text_plus_the_budget_rule_per_image(checkpoin
             == (round((full - text) / 2) // crops) * crops
 
 
-def test_anyres_tensor_parallel_ranks_keep_the_tokens_one_rank_keeps(checkpoints, references, monkeypatch):
-    """Two ranks, one SigLIP head each: their key sums are all-reduced, so both keep se.apply's tokens."""
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_anyres_tensor_parallel_ranks_keep_the_tokens_one_rank_keeps(checkpoints, references, monkeypatch, family):
+    """Two ranks, one CLIP or SigLIP head each: their key sums are all-reduced, so both keep se.apply's tokens."""
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    checkpoint = checkpoints["llava-onevision"]
+    checkpoint = checkpoints[family]
     found = vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50", tau=0.75), tensor_parallel_size=2)
     assert found == references(checkpoint, "early50", 0.75)
 

@@ -78,11 +78,13 @@ def test_qwen3_without_a_saint_entry_vllm_equals_transformers(checkpoints, refer
     assert vllm_greedy(checkpoints["qwen3-vl"]) == references(checkpoints["qwen3-vl"], "none", 0.75)
 
 
-def test_qwen_tensor_parallel_ranks_keep_the_tokens_one_rank_keeps(checkpoint, reference, monkeypatch):
+@pytest.mark.parametrize("family", tiny_qwen.FAMILIES)
+def test_qwen_tensor_parallel_ranks_keep_the_tokens_one_rank_keeps(checkpoints, references, monkeypatch, family):
     """Two ranks, one vision head each: their key sums are all-reduced, so both keep se.apply's groups."""
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    checkpoint = checkpoints[family]
     found = vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50", tau=0.75), tensor_parallel_size=2)
-    assert found == reference("early50", 0.75)
+    assert found == references(checkpoint, "early50", 0.75)
 
 
 def test_qwen_without_a_saint_entry_vllm_equals_transformers(checkpoint, reference):
@@ -102,14 +104,15 @@ def test_qwen_survivors_need_their_unpruned_positions(checkpoint, reference, mon
     assert [t for _, t in found] != [t for _, t in expected]
 
 
-def test_qwen_tower_that_returns_another_count_stops_the_engine_at_start_up(checkpoint, monkeypatch):
+@pytest.mark.parametrize("family, tower", [("qwen2.5-vl", "saint_qwen_tower"), ("qwen3-vl", "saint_qwen3_tower")])
+def test_qwen_tower_that_returns_another_count_stops_the_engine_at_start_up(checkpoints, monkeypatch, family, tower):
     from saint_export.vllm import model
 
-    real = model.saint_qwen_tower
-    monkeypatch.setattr(model, "saint_qwen_tower", lambda *args: tuple(t[:-1] for t in real(*args)))
+    real = getattr(model, tower)
+    monkeypatch.setattr(model, tower, lambda *args: tuple(t[:-1] for t in real(*args)))
     with pytest.raises(Exception, match=r"processor writes 32 image placeholders but the tower returns 31 features "
                                         r"for a 16×16-patch image"):
-        vllm_greedy(checkpoint, hf_overrides=plugin.overrides("early50"))
+        vllm_greedy(checkpoints[family], hf_overrides=plugin.overrides("early50"))
 
 
 def test_qwen_positions_that_do_not_continue_as_unpruned_stop_the_engine_at_start_up(checkpoint, monkeypatch):
@@ -188,3 +191,27 @@ def test_features_from_our_engine_handed_to_the_plugin_give_its_tokens(checkpoin
     with pytest.raises(ValueError, match=r"SAINT: image embeddings for grids \[\[1, 8, 8\]\] must be 8 × "):
         llm.generate([{"prompt": tiny_qwen.PROMPT, "multi_modal_data": {"image": {
             "image_embeds": embeds[:, :-1], "image_grid_thw": torch.tensor([grid])}}}], SamplingParams(max_tokens=1))
+
+
+@pytest.mark.parametrize("family", tiny_qwen.FAMILIES)
+def test_qwen_videos_run_unpruned_beside_a_saint_entry(checkpoints, family):
+    """A video prompt gives stock vLLM's prompt length and tokens with `saint` on: videos are not
+    pruned, and their positions are vLLM's own."""
+    import numpy as np
+
+    video = np.random.default_rng(0).integers(0, 255, (4, 56, 84, 3), dtype=np.uint8)
+    prompt = tiny_qwen.PROMPT.replace("<|image_pad|>", "<|video_pad|>")
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    found = []
+    for overrides in (None, plugin.overrides("early50", tau=0.75)):
+        llm = LLM(model=str(checkpoints[family]), enforce_eager=True, dtype="float32", max_model_len=512,
+                  limit_mm_per_prompt={"image": 0, "video": 1}, hf_overrides=overrides)
+        metadata = {"fps": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3], "duration": 2.0,
+                    "video_backend": "opencv"}
+        out = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": (video, metadata)}}], params)[0]
+        found.append((len(out.prompt_token_ids), list(out.outputs[0].token_ids)))
+        del llm
+    from transformers import AutoTokenizer
+
+    text = len(AutoTokenizer.from_pretrained(checkpoints[family])(prompt).input_ids) - 1  # without the video pad
+    assert found[0] == found[1] and found[0][0] - text >= 12  # 4 frames of 4 × 6 patches: 2 × 2 × 3 merged tokens
