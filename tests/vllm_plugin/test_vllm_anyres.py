@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from saint_export import vllm as plugin  # noqa: E402
 
 import greedy  # noqa: E402
+from main_env import exported_features, references  # noqa: E402,F401  (fixtures)
 import tiny_anyres_checkpoints as tiny  # noqa: E402
 
 # early50: P% of each image's unpruned count, K per crop; r:10,10,10: 34 per crop at every size

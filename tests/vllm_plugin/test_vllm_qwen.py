@@ -26,6 +26,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 from saint_export import vllm as plugin  # noqa: E402
 
 import greedy  # noqa: E402
+from main_env import exported_features, references  # noqa: E402,F401  (fixtures)
 from greedy import NEW_TOKENS  # noqa: E402
 import tiny_qwen  # noqa: E402
 

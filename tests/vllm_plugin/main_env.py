@@ -1,6 +1,8 @@
-"""Shared by the vLLM plugin's tests: the transformers reference (`se.apply`, greedy), run in the
-main environment by reference.py, because the Qwen, LLaVA-NeXT and LLaVA-OneVision adapters need
-a newer transformers than vLLM pins."""
+"""Fixtures shared by the vLLM plugin's tests (each test module imports them): the transformers
+reference (`se.apply`, greedy, reference.py) and features exports (export_features.py), run in
+the main environment, because the Qwen, LLaVA-NeXT and LLaVA-OneVision adapters need a newer
+transformers than vLLM pins. (Not a conftest.py: a second module named conftest would shadow
+tests/conftest.py for the main suite's `from conftest import …`.)"""
 import json
 import os
 import subprocess
