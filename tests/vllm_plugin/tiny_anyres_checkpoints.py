@@ -23,16 +23,7 @@ IMAGE_SIZES = [(60, 60), (90, 30), (30, 90), (400, 300)]
 
 def images():
     """Images with flat regions (similar keys, so SAINT has something to choose), of IMAGE_SIZES."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for height, width in IMAGE_SIZES:
-        blocks = rng.integers(0, 255, (6, 6, 3))
-        base = np.kron(blocks, np.ones((height // 6 + 1, width // 6 + 1, 1)))[:height, :width]
-        out.append(Image.fromarray((base + rng.integers(0, 30, (height, width, 3))).clip(0, 255).astype("uint8")))
-    return out
+    return tiny_llava.flat_images(IMAGE_SIZES, 6)
 
 
 def build(folder: Path, family: str = "llava-next", seed: int = 0) -> Path:
@@ -60,11 +51,7 @@ def build(folder: Path, family: str = "llava-next", seed: int = 0) -> Path:
                                  vision_feature_select_strategy="default", **tokens)
         cls = LlavaNextForConditionalGeneration
     torch.manual_seed(seed)
-    model = cls(config).eval()
-    with torch.no_grad():  # random weights with some structure, so that tokens differ and generation varies
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0, 0.2)
+    model = tiny_llava.structured_weights(cls(config).eval())
     return save(model, tokenizer, folder)
 
 

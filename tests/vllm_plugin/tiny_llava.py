@@ -34,12 +34,32 @@ def build(folder: Path, seed: int = 0) -> Path:
     config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
                          vision_feature_select_strategy="default", image_seq_length=64)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():  # random weights with some structure, so that tokens differ and generation varies
+    model = structured_weights(LlavaForConditionalGeneration(config).eval())
+    return save(model, tokenizer, folder)
+
+
+def structured_weights(model):
+    """`model` with random matrices of some structure, so that tokens differ and generation varies."""
+    with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() > 1:
                 parameter.normal_(0, 0.2)
-    return save(model, tokenizer, folder)
+    return model
+
+
+def flat_images(sizes, cells: int) -> list:
+    """Images of `sizes` (height, width) made of cells × cells flat regions plus noise (similar keys,
+    so SAINT has something to choose)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for height, width in sizes:
+        blocks = rng.integers(0, 255, (cells, cells, 3))
+        base = np.kron(blocks, np.ones((height // cells + 1, width // cells + 1, 1)))[:height, :width]
+        out.append(Image.fromarray((base + rng.integers(0, 30, (height, width, 3))).clip(0, 255).astype("uint8")))
+    return out
 
 
 def make_tokenizer(extra_special: tuple[str, ...] = ()):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+import tiny_llava
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 CORPUS = ["user\nWhat is in this picture? assistant\na dog on a green lawn under the trees.",
@@ -31,16 +33,7 @@ IMAGE_SIZES = [(112, 112), (140, 84), (84, 168)]
 
 def images():
     """Images with flat regions (similar keys, so SAINT has something to choose), of IMAGE_SIZES."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for height, width in IMAGE_SIZES:
-        blocks = rng.integers(0, 255, (4, 4, 3))
-        base = np.kron(blocks, np.ones((height // 4 + 1, width // 4 + 1, 1)))[:height, :width]
-        out.append(Image.fromarray((base + rng.integers(0, 30, (height, width, 3))).clip(0, 255).astype("uint8")))
-    return out
+    return tiny_llava.flat_images(IMAGE_SIZES, 4)
 
 
 def make_tokenizer():
@@ -88,11 +81,7 @@ def build(folder: Path, family: str = "qwen2.5-vl", seed: int = 0) -> Path:
             text_config=dict(text, rope_parameters=rope), **tokens)
     torch.manual_seed(seed)
     cls = Qwen3VLForConditionalGeneration if family == "qwen3-vl" else Qwen2_5_VLForConditionalGeneration
-    model = cls(config).eval()
-    with torch.no_grad():  # random weights with some structure, so that tokens differ and generation varies
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0, 0.2)
+    model = tiny_llava.structured_weights(cls(config).eval())
     return save(model, tokenizer, folder)
 
 
