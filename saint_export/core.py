@@ -9,12 +9,14 @@ when it has c > 0 votes, else its mean similarity to B. The `drop` highest-scori
 Kept order: protected tokens, kept A tokens by descending score, then every B token in order.
 Ties rank the lower index first (ONNX TopK's rule).
 
-Precision: similarities and scores are fp32 values, accumulated in fp64 and then rounded. Float
-sums depend on summation order, and that order differs between libraries and even between rows
-of one tensor (ONNX Runtime's ReduceSum, torch's norm): in plain fp32, identical tokens got
+Precision: similarities are fp64 cosines rounded to the fixed grid spec.SIMILARITY_GRID (2^-24),
+NaN (from a non-finite key) as 0; scores are accumulated in fp64 and rounded to fp32. Float sums
+depend on summation order, which differs between libraries and even between rows of one tensor
+(ONNX Runtime's ReduceSum, torch's norm, the plugin's kernel): in plain fp32, identical tokens got
 scores one ulp apart, so backends broke exact ties differently. fp64 noise (~1e-16) almost never
-survives the final rounding to fp32, so identical tokens stay tied and backends agree bit for bit.
-τ and γ are used at fp32 precision, as ONNX and TensorRT attributes store them.
+moves a value across a grid point, and sums of grid values are exact in any order, so identical
+tokens stay tied and backends agree bit for bit, orthogonal keys (cosine 0) included. τ and γ are
+used at fp32 precision, as ONNX and TensorRT attributes store them.
 
 `saint_export.ops` states the same computation in ONNX operators; keep the two in step.
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .schedule import DEGREE_R0, degree_steps
-from .spec import GAMMA, TAU, VOTE_K
+from .spec import GAMMA, SIMILARITY_GRID, TAU, VOTE_K
 # Guards the key normalisation against an all-zero key (the reference divides by the norm
 # alone and would produce NaN); it changes nothing for any key with a norm above 1e-12.
 NORM_EPS = 1e-12
@@ -42,8 +44,7 @@ def redundancy_scores(keys: torch.Tensor, num_protected: int, tau: float = TAU,
     """
     tau, gamma = _as_fp32(tau), _as_fp32(gamma)
     patches = _unit_patches(keys, num_protected)
-    # Rounded to fp32 so that a cosine of exactly τ compares the same way whatever the summation order.
-    sim = (patches[:, 0::2] @ patches[:, 1::2].transpose(1, 2)).float().double()  # [B, n_A, n_B]
+    sim = snap_similarity(patches[:, 0::2] @ patches[:, 1::2].transpose(1, 2))  # [B, n_A, n_B]
     edges = sim >= tau
     votes = edges.sum(-1).double()
     mean_valid = (sim * edges).sum(-1) / votes.clamp_min(1.0)
@@ -51,6 +52,13 @@ def redundancy_scores(keys: torch.Tensor, num_protected: int, tau: float = TAU,
     score = torch.where(votes > 0, votes * torch.exp(gamma * (mean_valid - tau)), mean_all)
     vote_rows = (votes >= vote_k).sum(-1)
     return score.float(), vote_rows
+
+
+def snap_similarity(cosine: torch.Tensor) -> torch.Tensor:
+    """fp64 cosines on the contract's grid, NaN as 0: a cosine of exactly τ, or of 0, compares and
+    sums the same whatever the summation order that produced it."""
+    snapped = torch.round(cosine / SIMILARITY_GRID) * SIMILARITY_GRID
+    return torch.where(cosine.isnan(), torch.zeros_like(snapped), snapped)
 
 
 def _unit_patches(keys: torch.Tensor, num_protected: int) -> torch.Tensor:

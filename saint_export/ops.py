@@ -74,7 +74,10 @@ def SimilarityTopK(keys, num_protected: int, drop: int, tau: float, vote_k: int,
     unit = op.Div(patches, op.Max(norm, op.Cast(op.Constant(value_float=1e-12), to=DOUBLE)))
     set_b = op.Slice(unit, one, end, one, two)
     sim = op.MatMul(op.Slice(unit, zero, end, one, two), op.Transpose(set_b, perm=[0, 2, 1]))
-    sim = op.Cast(op.Cast(sim, to=FLOAT), to=DOUBLE)
+    # core.snap_similarity: on the 2^-24 grid (spec.SIMILARITY_GRID; Round is half to even), NaN as 0
+    steps = op.Cast(op.Constant(value_float=16777216.0), to=DOUBLE)
+    fzero = op.Cast(op.Constant(value_float=0.0), to=DOUBLE)
+    sim = op.Where(op.IsNaN(sim), fzero, op.Div(op.Round(op.Mul(sim, steps)), steps))
     edges = op.Cast(op.GreaterOrEqual(sim, t), to=DOUBLE)
     votes = op.ReduceSum(edges, last, keepdims=0)
     mean_valid = op.Div(op.ReduceSum(op.Mul(sim, edges), last, keepdims=0), op.Max(votes, fone))
@@ -82,7 +85,7 @@ def SimilarityTopK(keys, num_protected: int, drop: int, tau: float, vote_k: int,
     mean_all = op.Div(op.ReduceSum(sim, last, keepdims=0), op.Max(n_b, fone))
     g = op.Cast(op.Constant(value_float=gamma), to=DOUBLE)
     voted = op.Mul(votes, op.Exp(op.Mul(g, op.Sub(mean_valid, t))))
-    score = op.Cast(op.Where(op.Greater(votes, op.Cast(op.Constant(value_float=0.0), to=DOUBLE)), voted, mean_all), to=FLOAT)
+    score = op.Cast(op.Where(op.Greater(votes, fzero), voted, mean_all), to=FLOAT)
     k = op.Cast(op.Constant(value_int=vote_k), to=DOUBLE)
     vote_rows = op.ReduceSum(op.Cast(op.GreaterOrEqual(votes, k), to=INT64), last, keepdims=0)
 

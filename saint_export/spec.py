@@ -15,7 +15,14 @@ OP_TYPE = "SimilarityTopK"  # ONNX op_type, and the TensorRT plugin name
 DOMAIN_VERSION = 1  # the ONNX opset version of the saint domain
 # Bump when an attribute is added or removed, or the output order, tie rule or precision contract
 # changes: engines, manifests and Triton configs pin it.
-PLUGIN_VERSION = "1"
+PLUGIN_VERSION = "2"  # 2: similarities on SIMILARITY_GRID, NaN as 0
+
+# The precision contract (docs/operator.md): a similarity is the fp64 cosine rounded (half to even)
+# to a multiple of SIMILARITY_GRID, and a NaN one (a key with a NaN or infinite component) is 0.
+# The grid holds fp32's precision at |s| ≥ 0.5, removes the ~1e-16 noise of any summation order
+# everywhere (rounding to fp32 did not at 0: orthogonal keys gave 0 in one backend and 1e-17 in
+# another), and makes every sum of similarities exact, so all backends score bit for bit alike.
+SIMILARITY_GRID = 2.0 ** -24
 
 INPUTS = ("keys",)  # [B, N, d] fp32 / fp16 / bf16: head-averaged attention keys of all N tokens
 OUTPUTS = ("keep_index", "vote_rows")  # int64 [B, N - drop] and int64 [B]

@@ -48,7 +48,7 @@ def test_exported_graph_carries_the_operator(tmp_path):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs["drop"] == 17 and attrs["num_protected"] == 1 and attrs["vote_k"] == 3
     assert attrs["tau"] == pytest.approx(0.6) and attrs["gamma"] == pytest.approx(7.5)
-    assert attrs["plugin_namespace"] == b"saint" and attrs["plugin_version"] == b"1"
+    assert attrs["plugin_namespace"] == b"saint" and attrs["plugin_version"] == b"2"
     assert set(attrs) == {a.name for a in spec.ATTRIBUTES} | set(spec.PLUGIN_ATTRIBUTES)
     assert [(f.domain, f.name) for f in graph.functions] == [(spec.DOMAIN, spec.OP_TYPE)]
     assert {o.domain: o.version for o in graph.opset_import}[""] >= 18

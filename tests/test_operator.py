@@ -103,3 +103,29 @@ def test_function_tensor_names_survive_inlining():
     names = [out for node in ops.function_proto().node for out in node.output]
     assert "_" not in names and "" not in names
     assert len(names) == len(set(names))
+
+
+def test_every_backend_decides_alike_on_orthogonal_and_non_finite_keys(tmp_path):
+    """The contract of docs/operator.md on the keys that broke the old one: exactly orthogonal keys
+    (cosine 0, fp64 noise ~1e-17 before the grid), and NaN, ±Inf and denormal keys. Eager, ONNX
+    Runtime and the ONNX reference evaluator give the same selection, and it is a valid one."""
+    from onnx.reference import ReferenceEvaluator
+
+    inf, nan = float("inf"), float("nan")
+    cases = [  # (keys, num_protected, drop, tau, vote_k, expected keep_index or None, expected vote_rows)
+        ([[2, -3, -3], [3, 2, 0]], 0, 0, 0.0, 1, [[0, 1]], [1]),  # cosine 0 ≥ τ = 0: a vote
+        ([[2, -3, -3], [3, 2, 0], [0, 0, 1]], 0, 1, 0.75, 5, [[2, 1]], [0]),  # a tie at 0: the lower index drops
+        ([[1, 0], [nan, 1], [1, 0], [1, 0], [inf, 0]], 0, 2, 0.5, 1, [[4, 1, 3]], [2]),  # NaN/Inf: similar to nothing
+        ([[1e-40, 0], [1e-40, 0], [0, 1e-40], [1, 1]], 0, 1, 0.0, 1, None, None),  # denormals: norms under 1e-12
+    ]
+    for number, (rows, protected, drop, tau, vote_k, expected_keep, expected_votes) in enumerate(cases):
+        keys = np.array([rows], dtype=np.float32)
+        path = str(tmp_path / f"case{number}.onnx")
+        session = _operator_model(keys.shape[1], protected, drop, tau, vote_k, 10.0, path)
+        keep, votes = core.similarity_topk(torch.from_numpy(keys), protected, drop, tau, vote_k, 10.0)
+        if expected_keep is not None:
+            assert keep.tolist() == expected_keep and votes.tolist() == expected_votes, f"case {number}"
+        assert sorted(keep[0].tolist()) == sorted(set(keep[0].tolist())) and int(keep.max()) < keys.shape[1]
+        for name, outputs in (("onnxruntime", session.run(None, {"keys": keys})),
+                              ("reference evaluator", ReferenceEvaluator(path).run(None, {"keys": keys}))):
+            assert outputs[0].tolist() == keep.tolist() and outputs[1].tolist() == votes.tolist(), f"{name}, case {number}"

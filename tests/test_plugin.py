@@ -64,6 +64,10 @@ def test_creator_matches_the_exported_node(library, tmp_path):
     assert report["formats"] == {"float32": True, "float16": True, "bfloat16": True, "int8": False, "int32": False}
     assert report["int32_keep_index_rejected"]
     assert report["configure_ok"] and report["configure_rejects_impossible_drop"]
+    # a dynamic N: the profile's largest N against the TopK limit at build time, each N at run time
+    assert report["configure_dynamic_ok"] and report["configure_rejects_dynamic_past_limit"]
+    assert report["shape_change_ok"] and report["shape_change_rejects_impossible_drop"]
+    assert report["enqueue_rejects_impossible_drop"] and report["rejects_nan_tau"]
     assert report["workspace_bytes"] == 2 * 197 * 8
 
 

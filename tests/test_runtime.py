@@ -191,7 +191,7 @@ def _set(*path_and_value):
     (_set("output", "name", "probabilities"), "output.name", "probabilities", "logits"),
     (_set("saint", "tau", 0.8), "saint.tau", "0.8", "0.75"),
     (_set("saint", "K", 4), "saint.K", "4", "5"),
-    (_set("onnx", "operator", "plugin_version", "2"), "operator_nodes[0].plugin_version", "2", "1"),
+    (_set("onnx", "operator", "plugin_version", "1"), "operator_nodes[0].plugin_version", "1", "2"),
 ])
 def test_an_edited_manifest_is_refused_with_the_field_named(exported, tmp_path, edit, field, said, found):
     folder = edited_copy(exported.folder, tmp_path, edit)

@@ -4,6 +4,7 @@
 #include "NvInferRuntime.h"
 #include "similarityTopKPlugin.h"
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <dlfcn.h>
@@ -94,6 +95,12 @@ int main(int argc, char** argv)
     IPluginV3* invalid = creator->createPlugin("probe", &fc, TensorRTPhase::kBUILD);
     fields[3].data = &voteK;
     std::printf(", \"created\": %s, \"rejects_vote_k_0\": %s", plugin ? "true" : "false", invalid ? "false" : "true");
+    float nanTau = std::nanf("");
+    fields[2].data = &nanTau;
+    IPluginV3* nanPlugin = creator->createPlugin("probe", &fc, TensorRTPhase::kBUILD);
+    fields[2].data = &tau;
+    std::printf(", \"rejects_nan_tau\": %s", nanPlugin ? "false" : "true");
+    delete nanPlugin;
     // Each field left out in turn, then each with the other type: every such node must be refused.
     std::printf(", \"rejects_missing\": {");
     for (size_t skip = 0; skip < fields.size(); ++skip)
@@ -118,7 +125,7 @@ int main(int argc, char** argv)
         delete withoutField;
         delete withWrongType;
     }
-    std::printf("}, \"topk_limit\": %d", saint::kTopKLimit);
+    std::printf("}, \"topk_limit\": %lld", static_cast<long long>(saint::kTopKLimit));
     if (plugin == nullptr)
     {
         std::printf("}\n");
@@ -169,6 +176,27 @@ int main(int argc, char** argv)
     std::printf(", \"configure_ok\": %s, \"configure_rejects_impossible_drop\": %s",
         build->configurePlugin(good, 1, outs, 2) == 0 ? "true" : "false",
         build->configurePlugin(tooFew, 1, outs, 2) != 0 ? "true" : "false");
+    // A dynamic N: the build checks the profile's largest N against the limit, and each N is checked
+    // again at run time (onShapeChange, enqueue), where a drop too large for it is refused.
+    DynamicPluginTensorDesc dynamic[1] = {desc(DataType::kFLOAT, {2, 197, 64})};
+    dynamic[0].desc.dims.d[1] = -1;
+    dynamic[0].min.d[1] = 30;
+    DynamicPluginTensorDesc pastLimit[1] = {dynamic[0]};
+    pastLimit[0].max.d[1] = 7683; // ceil(7682 / 2) = 3841 A tokens
+    PluginTensorDesc small[1] = {tooFew[0].desc};
+    PluginTensorDesc fits[1] = {good[0].desc};
+    PluginTensorDesc smallOuts[2] = {outs[0].desc, outs[1].desc};
+    int64_t keepIndex = 0, voteRows = 0;
+    void* outputs[2] = {&keepIndex, &voteRows};
+    void const* inputs[1] = {nullptr};
+    std::printf(", \"configure_dynamic_ok\": %s, \"configure_rejects_dynamic_past_limit\": %s",
+        build->configurePlugin(dynamic, 1, outs, 2) == 0 ? "true" : "false",
+        build->configurePlugin(pastLimit, 1, outs, 2) != 0 ? "true" : "false");
+    std::printf(", \"shape_change_ok\": %s, \"shape_change_rejects_impossible_drop\": %s",
+        runtime->onShapeChange(fits, 1, smallOuts, 2) == 0 ? "true" : "false",
+        runtime->onShapeChange(small, 1, smallOuts, 2) != 0 ? "true" : "false");
+    std::printf(", \"enqueue_rejects_impossible_drop\": %s",
+        runtime->enqueue(small, smallOuts, inputs, outputs, nullptr, nullptr) != 0 && keepIndex == 0 ? "true" : "false");
     std::printf(", \"workspace_bytes\": %zu}\n", build->getWorkspaceSize(good, 1, outs, 2));
     delete copy;
     delete plugin;

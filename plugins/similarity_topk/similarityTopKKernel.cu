@@ -1,10 +1,16 @@
-// The operator of saint_export/core.py on the GPU. Same precision contract: similarities and
-// scores are accumulated in fp64 and rounded to fp32 exactly where the reference rounds, so any
-// summation order gives the reference's fp32 values; ties rank the lower index first.
+// The operator of saint_export/core.py on the GPU, with its precision contract (docs/operator.md):
+// similarities are computed in fp64 and snapped to the fixed grid of 2^-24 (a NaN one, from a
+// non-finite key, to 0), so any summation order, and dividing by the norms after the dot product
+// rather than before, gives the reference's values, near 0 included; scores are rounded to fp32
+// where the reference rounds; ties rank the lower index first. Runs unchanged on the host in CI
+// (tests/kernel_emulation).
 #include "similarityTopKKernel.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cmath>
+#include <string>
 
 namespace saint
 {
@@ -17,6 +23,13 @@ constexpr double kNormEps = 1e-12;
 __device__ inline double toDouble(float v) { return v; }
 __device__ inline double toDouble(__half v) { return __half2float(v); }
 __device__ inline double toDouble(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+//! The contract's similarity: the cosine on the 2^-24 grid (exact in fp32 for |s| <= 1, and fp64
+//! noise of ~1e-16 cannot move it), NaN as 0. Sums of grid values are exact in any order.
+__device__ inline double snapSimilarity(double cosine)
+{
+    return isnan(cosine) ? 0.0 : rint(cosine * 0x1p24) * 0x1p-24;
+}
 
 template <typename T>
 __global__ void similarityTopKKernel(T const* keys, int64_t* keepIndex, int64_t* voteRows, double* norms,
@@ -68,7 +81,7 @@ __global__ void similarityTopKKernel(T const* keys, int64_t* keepIndex, int64_t*
             {
                 dot += toDouble(a[k]) * toDouble(b[k]);
             }
-            double const s = static_cast<float>(dot / (norm[2 * i] * norm[2 * j + 1]));
+            double const s = snapSimilarity(dot / (norm[2 * i] * norm[2 * j + 1]));
             sumAll += s;
             if (s >= tau)
             {
@@ -85,7 +98,9 @@ __global__ void similarityTopKKernel(T const* keys, int64_t* keepIndex, int64_t*
     }
     __syncthreads();
 
-    // 3. rank by descending score, lower index first on ties (a stable order, like ONNX TopK)
+    // 3. rank by descending score, lower index first on ties (a stable order, like ONNX TopK).
+    // Scores are never NaN (similarities are finite, the attributes are checked finite), so
+    // (score, index) is a strict total order and the ranks are a permutation: order[] is all written.
     for (int32_t i = threadIdx.x; i < nA; i += blockDim.x)
     {
         float const si = score[i];
@@ -139,6 +154,33 @@ cudaError_t launch(void const* keys, int64_t* keepIndex, int64_t* voteRows, void
 
 } // namespace
 
+std::string similarityTopKParamsProblem(SimilarityTopKParams const& p)
+{
+    if (!std::isfinite(p.tau) || !std::isfinite(p.gamma) || p.numProtected < 0 || p.drop < 0 || p.voteK < 1)
+    {
+        return "SimilarityTopK: need num_protected >= 0, drop >= 0, vote_k >= 1 and finite tau and gamma";
+    }
+    return {};
+}
+
+std::string similarityTopKShapeProblem(int64_t numTokens, SimilarityTopKParams const& p)
+{
+    std::string problem = similarityTopKParamsProblem(p);
+    if (!problem.empty())
+    {
+        return problem;
+    }
+    int64_t const n = numTokens - p.numProtected;
+    int64_t const nA = (n + 1) / 2;
+    if (n < 1 || p.drop > nA || n - p.drop < 1 || nA > kTopKLimit)
+    {
+        return "SimilarityTopK: " + std::to_string(numTokens) + " tokens with num_protected " + std::to_string(p.numProtected)
+            + " leave n = " + std::to_string(n) + " patch tokens; drop " + std::to_string(p.drop)
+            + " needs 1 <= n, drop <= ceil(n/2), n - drop >= 1 and ceil(n/2) <= " + std::to_string(kTopKLimit);
+    }
+    return {};
+}
+
 size_t similarityTopKWorkspaceSize(int32_t batch, int32_t numTokens)
 {
     return static_cast<size_t>(batch) * static_cast<size_t>(numTokens) * sizeof(double);
@@ -148,6 +190,12 @@ cudaError_t launchSimilarityTopK(void const* keys, KeyType type, int64_t* keepIn
     void* workspace, int32_t batch, int32_t numTokens, int32_t dim, SimilarityTopKParams const& params,
     cudaStream_t stream)
 {
+    // Checked here too, whatever the caller checked: a drop the tokens cannot give reads order[]
+    // past its end and writes indices outside the image.
+    if (batch < 0 || dim < 1 || !similarityTopKShapeProblem(numTokens, params).empty())
+    {
+        return cudaErrorInvalidValue;
+    }
     if (batch == 0)
     {
         return cudaSuccess;

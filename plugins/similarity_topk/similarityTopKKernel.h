@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cuda_runtime_api.h>
+#include <string>
 
 namespace saint
 {
@@ -23,6 +24,18 @@ struct SimilarityTopKParams
     int32_t voteK;
     float gamma;
 };
+
+//! TensorRT's ITopKLayer limit on the A tokens, kept so that engines with and without the plugin
+//! accept the same models (saint_export/spec.py: TOPK_LIMIT).
+constexpr int64_t kTopKLimit = 3840;
+
+//! Why `params` break the attribute contract of docs/operator.md; empty when they do not.
+std::string similarityTopKParamsProblem(SimilarityTopKParams const& params);
+
+//! Why `numTokens` tokens cannot run under `params` (the attribute and shape contract of
+//! docs/operator.md), naming the values; empty when they can. The plugin checks it when it is
+//! built and when the shape changes, and the launcher refuses such a launch.
+std::string similarityTopKShapeProblem(int64_t numTokens, SimilarityTopKParams const& params);
 
 //! Workspace bytes for `batch` images of `numTokens` tokens.
 size_t similarityTopKWorkspaceSize(int32_t batch, int32_t numTokens);

@@ -25,9 +25,23 @@ KeyType toKeyType(DataType type)
 //! The attribute contract of docs/operator.md, checked once for every way a plugin is made.
 bool validParams(SimilarityTopKParams const& p)
 {
-    if (p.numProtected < 0 || p.drop < 0 || p.voteK < 1)
+    std::string const problem = similarityTopKParamsProblem(p);
+    if (!problem.empty())
     {
-        logError("SimilarityTopK: need num_protected >= 0, drop >= 0 and vote_k >= 1");
+        logError(problem);
+        return false;
+    }
+    return true;
+}
+
+//! The shape contract for `numTokens` (unknown, -1, at build time when N is dynamic: checked again
+//! at run time by onShapeChange and enqueue).
+bool validTokens(int64_t numTokens, SimilarityTopKParams const& p)
+{
+    std::string const problem = similarityTopKShapeProblem(numTokens, p);
+    if (!problem.empty())
+    {
+        logError(problem);
         return false;
     }
     return true;
@@ -89,16 +103,12 @@ int32_t SimilarityTopKPlugin::configurePlugin(
     int64_t const numTokens = in[0].desc.dims.d[1];
     if (numTokens >= 0)
     {
-        int64_t const n = numTokens - mParams.numProtected;
-        int64_t const nA = (n + 1) / 2;
-        if (n < 1 || mParams.drop > nA || n - mParams.drop < 1 || nA > kTopKLimit)
-        {
-            logError("SimilarityTopK: drop " + std::to_string(mParams.drop) + " is impossible for "
-                + std::to_string(n) + " patch tokens (at most ceil(n/2), one must remain, n/2 <= 3840)");
-            return -1;
-        }
+        return validTokens(numTokens, mParams) ? 0 : -1;
     }
-    return 0;
+    // Dynamic N: the largest N of the optimisation profile must fit the TopK limit; each N is
+    // checked again when it is known.
+    int64_t const largest = in[0].max.d[1];
+    return largest < 0 || validTokens(largest, mParams) ? 0 : -1;
 }
 
 int32_t SimilarityTopKPlugin::getOutputDataTypes(
@@ -150,15 +160,20 @@ size_t SimilarityTopKPlugin::getWorkspaceSize(
         static_cast<int32_t>(inputs[0].max.d[0]), static_cast<int32_t>(inputs[0].max.d[1]));
 }
 
-int32_t SimilarityTopKPlugin::onShapeChange(PluginTensorDesc const*, int32_t, PluginTensorDesc const*, int32_t) noexcept
+int32_t SimilarityTopKPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const*,
+    int32_t) noexcept
 {
-    return 0;
+    return nbInputs == 1 && in[0].dims.nbDims == 3 && validTokens(in[0].dims.d[1], mParams) ? 0 : -1;
 }
 
 int32_t SimilarityTopKPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
     void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
     Dims const& dims = inputDesc[0].dims;
+    if (!validTokens(dims.d[1], mParams))
+    {
+        return -1;
+    }
     cudaError_t const status = launchSimilarityTopK(inputs[0], toKeyType(inputDesc[0].type),
         static_cast<int64_t*>(outputs[0]), static_cast<int64_t*>(outputs[1]), workspace, static_cast<int32_t>(dims.d[0]),
         static_cast<int32_t>(dims.d[1]), static_cast<int32_t>(dims.d[2]), mParams, stream);

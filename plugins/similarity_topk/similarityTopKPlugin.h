@@ -1,4 +1,4 @@
-// TensorRT IPluginV3 for saint::SimilarityTopK (docs/operator.md): name "SimilarityTopK", version "1",
+// TensorRT IPluginV3 for saint::SimilarityTopK (docs/operator.md): name "SimilarityTopK", version "2",
 // namespace "saint", fields num_protected, drop, vote_k (int32), tau, gamma (float32).
 #pragma once
 
@@ -12,9 +12,10 @@ namespace saint
 {
 
 constexpr char const* kPluginName = "SimilarityTopK";
-constexpr char const* kPluginVersion = "1";
+// "2": similarities on the 2^-24 grid, NaN as 0 (docs/operator.md); an engine built with version 1
+// is refused rather than silently different.
+constexpr char const* kPluginVersion = "2";
 constexpr char const* kPluginNamespace = "saint";
-constexpr int32_t kTopKLimit = 3840; // TensorRT's TopK limit, kept for engines built with or without us
 
 class SimilarityTopKPlugin : public nvinfer1::IPluginV3,
                              public nvinfer1::IPluginV3OneCore,
