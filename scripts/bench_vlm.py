@@ -87,6 +87,21 @@ def build_qwen(text_layers: int, text_hidden: int, seed: int = 0) -> Qwen2_5_VLF
                                                                **shipped)).eval()
 
 
+def build_qwen3(text_layers: int, text_hidden: int, seed: int = 0):
+    """Qwen3-VL-8B's tower, mergers and DeepStack at full size, a Qwen3 language model of
+    `text_layers` × `text_hidden`."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    shipped = dict(hf_vision.checkpoints()["qwen3-vl-8b"]["config"])
+    vision = dict(shipped.pop("vision_config"), out_hidden_size=text_hidden)
+    text = dict(shipped.pop("text_config"), hidden_size=text_hidden, num_hidden_layers=text_layers,
+                intermediate_size=int(text_hidden * 12288 / 4096), num_attention_heads=text_hidden // 128,
+                num_key_value_heads=max(1, text_hidden // 1024))
+    shipped.pop("model_type")
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(Qwen3VLConfig(vision_config=vision, text_config=text, **shipped)).eval()
+
+
 def sharing_weights(base):
     """A second model on the same weight tensors (SAINT patches layers' classes and hooks, never
     weights), so that every mode fits in memory at once."""

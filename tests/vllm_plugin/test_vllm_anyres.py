@@ -168,3 +168,33 @@ def test_features_from_our_engine_handed_to_vllm_give_the_plugins_tokens(checkpo
         llm.generate([{"prompt": tiny.PROMPT, "multi_modal_data": {"image": embeds[0][None, :, :-1]}}], params)
     assert llm.generate([{"prompt": tiny.PROMPT, "multi_modal_data": {"image": embeds[0][None]}}],
                         params)[0].outputs[0].token_ids == found[0][1]  # and the engine serves on
+
+
+def test_onevision_prompts_with_several_images_prune_each_image_by_its_own_budget(checkpoints, references):
+    """Two or three images of different sizes in one prompt: vLLM runs anyres on each (transformers
+    does not: with several images it keeps only the base crop, so vLLM is the reference here). With
+    `none` the plugin equals stock vLLM; with early50 each image gets the placeholders it gets alone
+    (its own crops and budget), the prompts are pruned, and the answers differ from unpruned."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    checkpoint = checkpoints["llava-onevision"]
+    text = len(AutoTokenizer.from_pretrained(checkpoint)(tiny.PROMPT).input_ids) - 1  # without <image>
+    alone = references(checkpoint, "early50", 0.75)  # each image alone: (prompt length, tokens)
+    single = {size: length - text for size, (length, _) in zip(tiny.IMAGE_SIZES, alone)}
+    images = dict(zip(tiny.IMAGE_SIZES, tiny.images()))
+    groups = [[(60, 60), (400, 300)], [(90, 30), (30, 90), (60, 60)]]
+    prompts = [{"prompt": tiny.PROMPT.replace("<image>", "<image>" * len(group)),
+                "multi_modal_data": {"image": [images[size] for size in group]}} for group in groups]
+    outputs = {}
+    for name, overrides in (("stock", None), ("none", plugin.overrides("none")), ("early50", plugin.overrides("early50"))):
+        llm = LLM(model=str(checkpoint), enforce_eager=True, dtype="float32", max_model_len=2048,
+                  limit_mm_per_prompt={"image": 3, "video": 0}, enable_chunked_prefill=True,
+                  max_num_batched_tokens=64, hf_overrides=overrides)
+        found = llm.generate(prompts, SamplingParams(max_tokens=greedy.NEW_TOKENS, temperature=0))
+        outputs[name] = [(len(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in found]
+        del llm
+    assert outputs["none"] == outputs["stock"]
+    for group, (length, _), (unpruned, _) in zip(groups, outputs["early50"], outputs["stock"]):
+        assert length == text + sum(single[size] for size in group) < unpruned
+    assert [tokens for _, tokens in outputs["early50"]] != [tokens for _, tokens in outputs["stock"]]

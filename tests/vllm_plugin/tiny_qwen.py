@@ -97,8 +97,9 @@ def save(model, tokenizer, folder: Path, max_merged_tokens: int = 64) -> Path:
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     folder = Path(folder)
     model.save_pretrained(folder)
-    size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * max_merged_tokens}
-    patches = dict(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    side = 2 * model.config.vision_config.patch_size  # one merged token's side in pixels
+    size = {"shortest_edge": 4 * side * side, "longest_edge": side * side * max_merged_tokens}
+    patches = dict(size=size, patch_size=side // 2, merge_size=2, temporal_patch_size=2)
     qwen3 = model.config.model_type == "qwen3_vl"
     processor, video = (Qwen3VLProcessor, Qwen3VLVideoProcessor) if qwen3 else (Qwen2_5_VLProcessor,
                                                                                   Qwen2VLVideoProcessor)
