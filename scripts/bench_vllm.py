@@ -81,8 +81,8 @@ def llava_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | N
 def qwen_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None, qwen3: bool = False) -> Path:
     import torch
 
-    build = bench_vlm.build_qwen3 if qwen3 else bench_vlm.build_qwen
-    model = build(text_layers or 12, text_hidden or 2048).to(torch.bfloat16)
+    checkpoint = "qwen3-vl-8b" if qwen3 else "qwen2.5-vl-3b"
+    model = bench_vlm.build_qwen(text_layers or 12, text_hidden or 2048, checkpoint=checkpoint).to(torch.bfloat16)
     tokenizer = tiny_qwen.make_tokenizer()
     for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
@@ -94,7 +94,7 @@ def qwen3_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | N
     return qwen_checkpoint(folder, text_layers, text_hidden, qwen3=True)
 
 
-def onevision_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None,
+def anyres_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None,
                          family: str = "llava-onevision") -> Path:
     import torch
 
@@ -105,7 +105,7 @@ def onevision_checkpoint(folder: Path, text_layers: int | None, text_hidden: int
 def next_checkpoint(folder: Path, text_layers: int | None, text_hidden: int | None) -> Path:
     """LLaVA-NeXT's tower at full size; the language model 12 × 2048 unless the options say otherwise
     (Mistral-7B's 32 × 4096 does not fit three servers in 23 GB)."""
-    return onevision_checkpoint(folder, text_layers or 12, text_hidden or 2048, family="llava-next")
+    return anyres_checkpoint(folder, text_layers or 12, text_hidden or 2048, family="llava-next")
 
 
 def text_tokens(folder: Path) -> int:
@@ -189,7 +189,7 @@ FAMILIES = {
     "llava-next": Family(("none", "early50", "early25"), (480, 640), next_checkpoint, anyres_ideal,
                          "LLaVA-NeXT-shaped random model (LLaVA-v1.6-Mistral-7B's CLIP tower + Mistral {layers} × "
                          "{hidden}, bf16), 640 × 480 photo", 4096),
-    "llava-onevision": Family(("none", "early50", "early25"), (480, 640), onevision_checkpoint, anyres_ideal,
+    "llava-onevision": Family(("none", "early50", "early25"), (480, 640), anyres_checkpoint, anyres_ideal,
                               "LLaVA-OneVision-shaped random model (OneVision-0.5B's SigLIP tower + Qwen2 {layers} × "
                               "{hidden}, bf16), 640 × 480 photo (5 crops)", 4096),
 }

@@ -57,7 +57,7 @@ from saint_export.adapters import hf_vision
 
 compat.import_torchvision()
 from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,  # noqa: E402
-                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+                          Qwen2_5_VLForConditionalGeneration)
 
 IMAGE_TOKEN, PAD = 32000, 32001
 BEFORE, AFTER = 35, 20  # text tokens around the image
@@ -75,31 +75,21 @@ def build(text_layers: int, text_hidden: int, seed: int = 0) -> LlavaForConditio
     return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, **shipped)).eval()
 
 
-def build_qwen(text_layers: int, text_hidden: int, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
-    shipped = dict(hf_vision.checkpoints()["qwen2.5-vl-3b"]["config"])
+def build_qwen(text_layers: int, text_hidden: int, seed: int = 0, checkpoint: str = "qwen2.5-vl-3b"):
+    """`checkpoint`'s tower and mergers (Qwen3-VL: with DeepStack) at full size, its language model
+    at `text_layers` × `text_hidden` (the shipped MLP ratio, 128-wide heads)."""
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+    shipped = dict(hf_vision.checkpoints()[checkpoint]["config"])
     vision = dict(shipped.pop("vision_config"), out_hidden_size=text_hidden)
-    text = dict(shipped.pop("text_config"), hidden_size=text_hidden, num_hidden_layers=text_layers,
-                intermediate_size=int(text_hidden * 11008 / 2048), num_attention_heads=text_hidden // 128,
-                num_key_value_heads=max(1, text_hidden // 1024))
-    shipped.pop("model_type")
+    text = dict(shipped.pop("text_config"))
+    text.update(hidden_size=text_hidden, num_hidden_layers=text_layers,
+                intermediate_size=int(text_hidden * text["intermediate_size"] / text["hidden_size"]),
+                num_attention_heads=text_hidden // 128, num_key_value_heads=max(1, text_hidden // 1024))
+    model_type = shipped.pop("model_type")
+    cls = Qwen3VLForConditionalGeneration if model_type == "qwen3_vl" else Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=text,
-                                                               **shipped)).eval()
-
-
-def build_qwen3(text_layers: int, text_hidden: int, seed: int = 0):
-    """Qwen3-VL-8B's tower, mergers and DeepStack at full size, a Qwen3 language model of
-    `text_layers` × `text_hidden`."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    shipped = dict(hf_vision.checkpoints()["qwen3-vl-8b"]["config"])
-    vision = dict(shipped.pop("vision_config"), out_hidden_size=text_hidden)
-    text = dict(shipped.pop("text_config"), hidden_size=text_hidden, num_hidden_layers=text_layers,
-                intermediate_size=int(text_hidden * 12288 / 4096), num_attention_heads=text_hidden // 128,
-                num_key_value_heads=max(1, text_hidden // 1024))
-    shipped.pop("model_type")
-    torch.manual_seed(seed)
-    return Qwen3VLForConditionalGeneration(Qwen3VLConfig(vision_config=vision, text_config=text, **shipped)).eval()
+    return cls(AutoConfig.for_model(model_type, vision_config=vision, text_config=text, **shipped)).eval()
 
 
 def sharing_weights(base):
