@@ -17,7 +17,7 @@ _EXPORTS = {
     "ExportResult": "pipeline",
     "Progress": "pipeline",
     "evaluate": "evaluate", "evaluate_folder": "evaluate", "Evaluation": "evaluate",
-    "tune": "tuning", "TuneResult": "tuning", "Objective": "tuning",
+    "tune": "tune", "TuneResult": "tune", "Objective": "tune",
     "SaintError": "errors", "InputError": "errors", "BackendError": "errors", "GateFailed": "errors",
     "Manifest": "manifest",
     "TAU": "spec", "VOTE_K": "spec", "GAMMA": "spec", "LLM_TAU": "spec",
@@ -27,7 +27,9 @@ __all__ = [*_EXPORTS, "__version__"]
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        # `tune` is a package that is called (saint_export/tune/__init__.py says why)
+        value = module if _EXPORTS[name] == name else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -126,17 +126,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, nargs="+", required=True,
                    help="image files, flat folders or ImageFolder trees (class subfolders: accuracy too)")
     p.add_argument("--objective", required=True, help="speedup>=X | latency-ms<=X | disagreement<=P%% | "
-                   "accuracy-drop<=P%% | cosine>=X (disagreement and accuracy drop: upper confidence bounds on "
-                   "held-out images, cosine a lower one; a tower takes speed, latency and cosine)")
+                   "accuracy-drop<=P%% | cosine>=X[@Q%%] (quality objectives are certified on held-out images with "
+                   "probability 1-delta; speed ones are met on a confidence bound of the median; a tower takes speed, "
+                   "latency and cosine)")
+    p.add_argument("--delta", type=float, default=0.05, help="the certificate's error probability (default 0.05)")
     p.add_argument("--backend", default="onnxruntime-cpu", help="onnxruntime-cpu (default) | onnxruntime-cuda | eager")
     p.add_argument("--batch", type=int, default=8, help="images per inference, for latency (default 8)")
     p.add_argument("--budget-minutes", type=float, help="stop the search after this long (default: walk the "
                    "whole path)")
-    p.add_argument("--holdout", type=float, default=0.3, help="share of images held out for certification")
+    p.add_argument("--holdout", type=float, default=0.3, help="share of images held out for certification "
+                   "(default 0.3; a class's only image stays in the tune split)")
     p.add_argument("--seed", type=int, default=0, help="the tune / held-out split's seed")
     p.add_argument("--probe", type=int, default=64, help="tune images the search scores on (default 64)")
     p.add_argument("--step", type=int, default=8, help="tokens added per search step (default 8)")
     p.add_argument("--finalists", type=int, default=8, help="front points exported and measured (default 8)")
+    p.add_argument("--rounds", type=int, default=3, help="timings per schedule, in thirds: 3 x ROUNDS interleaved "
+                   "rounds (default 3)")
     p.add_argument("--polish", type=int, default=0, help="Optuna NSGA-II trials after the greedy path, started "
                    "from it (default 0; needs the tune extra)")
     p.add_argument("-o", "--output", type=Path, required=True,
@@ -250,26 +255,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def tune(args) -> int:
     import saint_export as se
-    from saint_export.tuning import EXIT_NOT_MET
+    from saint_export.tune import EXIT_NOT_MET
 
     try:
         result = se.tune(args.model, args.images, args.objective, weights=args.weights, backend=args.backend,
                          batch=args.batch, budget_minutes=args.budget_minutes, holdout=args.holdout, seed=args.seed,
-                         probe=args.probe, step=args.step, finalists=args.finalists, polish=args.polish,
-                         output=args.output,
+                         probe=args.probe, step=args.step, finalists=args.finalists, rounds=args.rounds,
+                         polish=args.polish, delta=args.delta, output=args.output,
                          tau=args.tau, K=args.K, gamma=args.gamma, progress=TqdmProgress())
     except KeyboardInterrupt:
         _err(f"saint-export: interrupted; the same command resumes from {args.output / 'journal.jsonl'}")
         return EXIT_INTERRUPTED
     print(result.table())
-    print(f"latency model: measured = {result.latency_fit['a']:.3f} × block sum + {result.latency_fit['b']:.2f} ms; "
-          f"{result.images['tune']} tune images ({result.images['probe']} probed), {result.images['held_out']} "
-          f"held out; τ {result.tau:g}, γ {result.gamma:g}; {result.seconds:.0f} s")
+    fit = result.latency_fit
+    loo = fit["leave_one_out_max_error"]
+    print(f"latency model: measured = {fit['a']:.3f} × block sum + {fit['b']:.2f} ms; error out of sample "
+          + (f"≤ {loo:.1%} (leave-one-out)" if loo is not None else "not measured (too few finalists)")
+          + f"; timings spread {result.noise:.0%}; {result.images['tune']} tune images ({result.images['probe']} "
+          f"probed), {result.images['held_out']} held out; τ {result.tau:g}, γ {result.gamma:g}; {result.seconds:.0f} s")
     print("wrote " + ", ".join(str(p) for p in result.files))
     if not result.met:
-        _err(f"saint-export: no schedule meets {result.objective.text} on the held-out images; the closest is "
-             f"{result.closest.spec} (front.json has the whole front)")
+        _err(f"saint-export: {result.reason}; the closest is {result.closest.spec} (front.json has every finalist)")
         return EXIT_NOT_MET
+    print(result.guarantee)
     print(f"export it: {result.command(args.model)}")
     return EXIT_OK
 

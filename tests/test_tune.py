@@ -8,10 +8,12 @@ from PIL import Image
 from conftest import make_model, only_error_line, run
 
 import saint_export as se
-from saint_export import spec, tuning
+import saint_export.tune as tuning
+from saint_export import spec
+from saint_export.tune import latency, quality, search
 from saint_export.adapters import find_adapter
 
-QUICK = dict(backend="eager", probe=16, finalists=4, rounds=1, batch=8)
+QUICK = dict(backend="eager", probe=16, finalists=4, rounds=2, batch=8)
 
 
 def flat_region_images(folder, count: int, size: int, seed: int):
@@ -42,7 +44,7 @@ def test_objectives_parse_and_bad_inputs_get_one_line(images, tmp_path):
     assert tuning.Objective.parse("accuracy-drop<=0.5%").limit == 0.005
     assert tuning.Objective.parse("latency-ms<=4.5").limit == 4.5
     for bad, message in [("fast", "expected one of speedup>=X"), ("speedup>=0", "must be a positive number"),
-                         ("disagreement<=150%", r"must be within \[0, 100\)%")]:
+                         ("disagreement<=150%", r"must be within \(0, 100\)%")]:
         with pytest.raises(se.InputError, match=message):
             tuning.Objective.parse(bad)
     assert tuning.Objective.parse("cosine>=0.99") == tuning.Objective("cosine", 0.99, "cosine>=0.99")
@@ -69,32 +71,44 @@ def test_objectives_parse_and_bad_inputs_get_one_line(images, tmp_path):
 
 def test_the_front_is_non_dominated_and_holds_a_point_as_good_as_every_family(tuned):
     result, output = tuned
-    front = result.front
-    assert len(front) >= 2 and front == sorted(front, key=lambda p: p.measured_ms)
-    for p in front:
-        assert not any(q.measured_ms <= p.measured_ms and q.kl <= p.kl and (q.measured_ms < p.measured_ms or q.kl < p.kl)
-                       for q in front)
+    finalists, front = result.finalists, result.front
+    assert len(front) >= 2 and finalists == sorted(finalists, key=lambda p: p.measured_ms)
+    for p in finalists:  # the front: no finalist faster and better on the tune split
+        assert p.pareto == (not any(q.measured_ms <= p.measured_ms and q.tune_loss <= p.tune_loss
+                                    and (q.measured_ms < p.measured_ms or q.tune_loss < p.tune_loss)
+                                    for q in finalists))
     saved = json.loads((output / "front.json").read_text())
-    families = [p for p in saved["measured"] if p["source"] in tuning.FAMILIES]
+    families = [p for p in saved["finalists"] if p["source"] in tuning.FAMILIES]
     assert sorted(p["source"] for p in families) == sorted(tuning.FAMILIES)
     for family in families:  # at its measured speed, the front has one at least as fast and no worse
-        assert any(p.measured_ms <= family["measured_ms"] and p.kl <= family["kl"] for p in front), family["spec"]
-    assert any(p["source"].startswith("path") for p in saved["measured"])
-    for p in front:
-        low, high = p.agreement_interval
-        assert low <= p.agreement <= high and 0 < p.flops_ratio <= 1
+        assert any(p.measured_ms <= family["measured_ms"] and p.tune_loss <= family["tune_loss"] for p in front)
+    assert any(p["source"].startswith("path") for p in saved["finalists"])
+    for p in finalists:
+        assert 0 <= p.failures <= result.images["held_out"] and p.agreement == pytest.approx(
+            1 - p.failures / result.images["held_out"])
+        assert p.failures / result.images["held_out"] <= p.failure_bound <= 1 and 0 < p.flops_ratio <= 1
         assert p.images_per_s == pytest.approx(1000 * QUICK["batch"] / p.measured_ms)
         assert se.KeepSchedule.parse(p.spec, 6, 100).drops == tuple(p.drops)  # export takes the r: form
     assert (output / "schedule.txt").read_text().strip() == result.closest.spec
     assert {path.name for path in result.files} >= {"front.json", "schedule.txt"}
+    fit = result.latency_fit  # the model's error out of sample: leave-one-out and on points not fitted on
+    assert fit["leave_one_out_max_error"] >= fit["leave_one_out_median_error"] >= 0
+    assert fit["unfitted_points"] == len(finalists) - 3 and fit["unfitted_max_error"] >= 0
 
 
-def test_the_chosen_schedule_meets_its_bound_and_exports_through_the_gate(tuned, tmp_path):
-    result, _ = tuned
-    assert result.met and result.chosen is result.closest and result.chosen.selected
-    assert 1 - result.chosen.agreement_interval[0] <= 0.6  # the disagreement's upper bound
-    faster = [p for p in result.front if p.measured_ms < result.chosen.measured_ms]
-    assert all(1 - p.agreement_interval[0] > 0.6 for p in faster)  # it is the fastest that meets it
+def test_the_chosen_schedule_is_the_fastest_certified_and_exports_through_the_gate(tuned, tmp_path):
+    result, output = tuned
+    assert result.met and result.chosen is result.closest and result.chosen.selected and result.chosen.certified
+    assert result.chosen.failure_bound <= 0.6  # the disagreement's Clopper–Pearson bound
+    order = sorted((p for p in result.finalists if p.test_order), key=lambda p: p.test_order)
+    assert [p.test_order for p in order] == list(range(1, len(order) + 1))
+    assert [p.tune_failure_rate for p in order] == sorted(p.tune_failure_rate for p in order)  # fixed on the tune split
+    certified = [p.certified for p in order]
+    assert certified == sorted(certified, reverse=True)  # a prefix: the test stops at its first failure
+    assert all(p.failure_bound <= 0.6 for p in order if p.certified)
+    assert result.chosen.measured_ms == min(p.measured_ms for p in order if p.certified)
+    saved = json.loads((output / "front.json").read_text())
+    assert saved["delta"] == 0.05 and "at least 95%" in saved["guarantee"] and result.chosen.spec in saved["guarantee"]
     exported = se.export(make_model(), tmp_path / "chosen", se.ExportConfig(
         keep_schedule=result.chosen.spec, tau=result.tau, gamma=result.gamma, target="onnx", batch=(1, 3, 4),
         parity_images=4))
@@ -104,9 +118,10 @@ def test_the_chosen_schedule_meets_its_bound_and_exports_through_the_gate(tuned,
 def test_the_same_seed_gives_the_same_front_and_an_interrupted_run_resumes_to_it(images, tuned, tmp_path):
     result, _ = tuned
 
-    def searched(r):  # what does not depend on timings: every measured schedule's probe and held-out KL
-        measured = json.loads((r.files[0]).read_text())["measured"]
-        return sorted((p["spec"], p["source"], round(p["loss_tune"], 12), round(p["kl"], 12)) for p in measured)
+    def searched(r):  # what does not depend on timings: the finalists, their proxies, failures and test order
+        finalists = json.loads((r.files[0]).read_text())["finalists"]
+        return sorted((p["spec"], p["source"], round(p["probe_loss"], 12), round(p["tune_loss"], 12),
+                       round(p["kl"], 12), p["failures"], p["test_order"], p["certified"]) for p in finalists)
 
     class StopDuringSearch(se.Progress):
         def step(self, key, label, total=None):
@@ -130,7 +145,7 @@ def test_the_same_seed_gives_the_same_front_and_an_interrupted_run_resumes_to_it
     rerun_lines = len((output / "journal.jsonl").read_text().splitlines())
     again = tuning.tune(make_model(), images, "disagreement<=60%", output=output, **QUICK)
     assert len((output / "journal.jsonl").read_text().splitlines()) == rerun_lines  # nothing recomputed
-    assert [p.spec for p in again.front] == [p.spec for p in resumed.front]
+    assert [p.spec for p in again.finalists] == [p.spec for p in resumed.finalists]
     with pytest.raises(se.InputError, match="belongs to another run"):
         tuning.tune(make_model(), images, "disagreement<=60%", output=output, **{**QUICK, "probe": 12})
 
@@ -143,9 +158,11 @@ def test_cli_an_impossible_objective_exits_4_in_one_line_and_still_writes_the_fr
                          "-o", str(tmp_path / "t"))
     assert code == tuning.EXIT_NOT_MET, err
     line = only_error_line(err)
-    assert line.startswith("saint-export: no schedule meets speedup>=50 on the held-out images; the closest is r:")
     saved = json.loads((tmp_path / "t" / "front.json").read_text())
-    assert saved["met"] is False and saved["front"] and saved["closest"].startswith("r:")
+    fastest = max(saved["finalists"], key=lambda p: p["speedup"])
+    assert line == (f"saint-export: no schedule meets speedup>=50: the fastest finalist, {fastest['spec']}, measured "
+                    f"{fastest['speedup']:.2f}x; the closest is {fastest['spec']} (front.json has every finalist)")
+    assert saved["met"] is False and saved["reason"] in line and saved["closest"] == fastest["spec"]
     assert saved["backend"] == "onnxruntime-cpu" and "latency model: measured =" in out
     assert (tmp_path / "t" / "command.txt").read_text().startswith(
         f"saint-export test_vit --keep-schedule {saved['closest']} --weights random")
@@ -196,11 +213,11 @@ def test_the_probe_runs_what_export_runs(kind):
     info = adapter.describe(model)
     drops = list(se.KeepSchedule.for_model("early25" if kind == "timm" else "early50", info).drops)
     hp = (0.7, spec.VOTE_K, 5.0)
-    prober = tuning.Prober(parts, x, reference, se.KeepSchedule.for_model("none", info), hp, 2, classifier)
-    patched = se.apply(model, tuning._r(drops), tau=0.7, gamma=5.0)
+    prober = search.Prober(parts, x, reference, se.KeepSchedule.for_model("none", info), hp, 2, classifier)
+    patched = se.apply(model, search.r_form(drops), tau=0.7, gamma=5.0)
     with torch.no_grad():
         outputs = adapter.export_module(patched)(x)
-    expected = tuning.proxy_loss(outputs, reference, classifier)
+    expected = quality.proxy_loss(outputs, reference, classifier)
     assert expected > 1e-6  # the schedule changes the outputs
     assert prober.loss(drops) == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
@@ -211,26 +228,28 @@ def small_images(tmp_path_factory):
     return flat_region_images(tmp_path_factory.mktemp("small"), 24, 64, seed=1)
 
 
-def test_a_tower_is_tuned_on_feature_cosine_with_a_lower_bound(small_images, tmp_path):
+def test_a_tower_is_certified_on_the_share_of_images_keeping_its_cosine(small_images, tmp_path):
     from test_vlm import make_tower
 
-    result = tuning.tune(make_tower("clip"), small_images, "cosine>=0.9", output=tmp_path / "clip",
+    result = tuning.tune(make_tower("clip"), small_images, "cosine>=0.9@60%", output=tmp_path / "clip",
                          **{**QUICK, "backend": "onnxruntime-cpu", "step": 4})
     assert not result.classifier and result.backend == "onnxruntime-cpu"
     saved = json.loads((tmp_path / "clip" / "front.json").read_text())
     assert saved["proxy"] == "1 - feature cosine"
     # early25 cannot be reached in the 2 pruning blocks of a 4-layer tower: it is left out, not fatal
-    assert sorted(p["source"] for p in saved["measured"] if p["source"] in tuning.FAMILIES) == ["early50", "early75"]
-    for p in result.front:
+    assert sorted(p["source"] for p in saved["finalists"] if p["source"] in tuning.FAMILIES) == ["early50", "early75"]
+    journal = {e["key"]: e["value"] for e in map(json.loads, (tmp_path / "clip" / "journal.jsonl").read_text()
+                                                 .splitlines()[1:])}
+    for p in result.finalists:
         assert p.kl is None and p.agreement is None
-        assert p.loss == pytest.approx(1 - p.cosine) and p.cosine_low <= p.cosine <= 1 + 1e-9
-        assert not any(q.measured_ms <= p.measured_ms and q.loss <= p.loss
-                       and (q.measured_ms < p.measured_ms or q.loss < p.loss) for q in result.front)
+        cosines = journal["held-out " + p.spec]["cosine"]
+        assert p.failures == sum(c < 0.9 for c in cosines) and p.cosine == pytest.approx(np.mean(cosines))
+        assert p.loss == pytest.approx(1 - p.cosine)
+    certified = [p for p in result.finalists if p.certified]
+    assert all(p.failure_bound <= 0.4 for p in certified)
+    assert result.met == bool(certified)
     if result.met:
-        assert result.chosen.cosine_low >= 0.9
-        assert all(p.cosine_low < 0.9 for p in result.front if p.measured_ms < result.chosen.measured_ms)
-    else:
-        assert all(p.cosine_low < 0.9 for p in result.front)
+        assert result.chosen.measured_ms == min(p.measured_ms for p in certified)
     assert "1-cos" in result.table().splitlines()[0]
 
 
@@ -240,7 +259,7 @@ def test_a_tower_refuses_label_objectives_and_llava_tunes_on_its_features(small_
     with pytest.raises(se.InputError, match="the disagreement objective needs a classifier's logits; "
                                             "SiglipVisionModel outputs features: use cosine>=X"):
         tuning.tune(make_tower("siglip"), small_images, "disagreement<=5%", **QUICK)
-    result = tuning.tune(tiny_llava(), small_images, "cosine>=0.5", **{**QUICK, "step": 8})
+    result = tuning.tune(tiny_llava(), small_images, "cosine>=0.5@60%", **{**QUICK, "step": 8})
     assert not result.classifier and result.front
     # LLaVA's tower: the schedule covers the layers before its feature layer (3 of 4 here).
     assert all(len(se.KeepSchedule.parse(p.spec, 3, 64).drops) == 3 for p in result.front)
@@ -256,46 +275,56 @@ def test_the_latency_model_recovers_a_quadratic_block_cost():
         return 0.5 + 0.02 * n + 0.0004 * n * n
 
     grid = [5, 20, 40, 60, 80, 101]
-    model = tuning.LatencyModel(grid, [block(n) for n in grid], unpruned)
+    model = latency.LatencyModel(grid, [block(n) for n in grid], unpruned)
     schedules = [(0,) * 6, (10, 10, 10, 10, 10, 10), (0, 0, 40, 20, 0, 5), (50, 25, 12, 6, 3, 1)]
     measured = {d: 1.3 * model.blocks_ms(d) + 4.0 for d in schedules}
     fit = model.fit(measured)
     assert fit["a"] == pytest.approx(1.3) and fit["b"] == pytest.approx(4.0, abs=1e-6)
+    assert fit["leave_one_out_max_error"] < 1e-9 and fit["unfitted_max_error"] < 1e-9 and fit["unfitted_points"] == 1
     assert model.predict((20, 0, 0, 0, 0, 30)) == pytest.approx(1.3 * model.blocks_ms((20, 0, 0, 0, 0, 30)) + 4.0)
     assert model._t(33) == pytest.approx(block(33))  # between the measured points: the quadratic, not a chord
 
 
-def test_the_optuna_polish_starts_from_the_greedy_path_is_legal_and_deterministic():
-    info = find_adapter(make_model()).describe(make_model())
-    unpruned = se.KeepSchedule.for_model("none", info)
-    weights = np.array([5.0, 3.0, 1.0, 0, 0, 0])  # early blocks cost more proxy per token
+class LinearProber:
+    """A stand-in prober whose proxy is linear in the drops (early blocks cost more per token)."""
+    weights = np.array([5.0, 3.0, 1.0, 0, 0, 0])
+    reference = [0] * 16
 
-    def loss_of(drops):
-        return float(weights @ np.array(drops) / 100)
+    def loss(self, drops):
+        return float(self.weights @ np.array(drops) / 100)
 
+
+def polished(seed: int, seeds: list) -> list:
+    from saint_export.tune.run import Journal
+
+    unpruned = se.KeepSchedule.for_model("none", find_adapter(make_model()).describe(make_model()))
+    found = search.Search(LinearProber(), unpruned, Journal(None, {}))
+    for i, drops in enumerate(seeds[1:]):
+        found.add(f"path {i + 1}", drops)
+    found.polish(16, 8, seed, None, se.Progress())
+    return [c for c in found.candidates.values() if c.source.startswith("polish")]
+
+
+def test_the_optuna_polish_starts_from_the_candidates_is_legal_and_deterministic():
     seeds = [[0] * 6, [0, 0, 8, 0, 0, 0], [0, 0, 16, 0, 0, 0], [0, 8, 16, 0, 0, 0], [0, 0, 50, 0, 0, 0]]
-    runs = [tuning._polish(unpruned, seeds, 16, 8, 3, loss_of, None, se.Progress()) for _ in range(2)]
-    assert runs[0] == runs[1]  # the same seed, the same trials
-    # the seeds the space holds (multiples of 8; 50 is not) come first, in order
-    assert [list(d) for d, _ in runs[0][:4]] == seeds[:4] and len(runs[0]) == 4 + 16
-    for drops, loss in runs[0]:
-        assert se.KeepSchedule.parse(tuning._r(drops), 6, 100).drops == tuple(drops)  # legal: export takes it
-        assert loss == loss_of(list(drops))
-    other = tuning._polish(unpruned, seeds, 16, 8, 4, loss_of, None, se.Progress())
-    assert [d for d, _ in other[4:]] != [d for d, _ in runs[0][4:]]  # the seed matters
+    runs = [polished(3, seeds) for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0]  # the same seed, the same trials
+    for c in runs[0]:
+        assert se.KeepSchedule.parse(c.spec, 6, 100).drops == c.drops  # legal: export takes it
+        assert c.probe_loss == LinearProber().loss(list(c.drops))
+    assert [c.drops for c in polished(4, seeds)] != [c.drops for c in runs[0]]  # the seed matters
 
 
-def test_tune_takes_the_polish_trials_into_its_front(images, tmp_path, monkeypatch):
+def test_tune_takes_the_polish_trials_into_its_finalists(images, tmp_path, monkeypatch):
     calls = []
 
-    def fake_polish(unpruned, seeds, trials, step, seed, loss_of, deadline, progress):
-        calls.append((trials, step, seed, [0] * 6 in seeds))
-        return [((48, 26, 13, 0, 0, 0), 0.0)]  # the cheapest and, as faked, lossless: the probe front's best
+    def fake_polish(self, trials, step, seed, deadline, progress):
+        calls.append((trials, step, seed, "r:0" in self.candidates))
+        self.add("polish 1", (48, 26, 13, 0, 0, 0), 0.0)  # the cheapest and, as faked, lossless
 
-    monkeypatch.setattr(tuning, "_polish", fake_polish)
-    result = tuning.tune(make_model(), images, "disagreement<=60%", polish=5, seed=2, tau=spec.TAU,
-                         gamma=spec.GAMMA, output=tmp_path, **{**QUICK, "finalists": 2, "step": 32})
+    monkeypatch.setattr(search.Search, "polish", fake_polish)
+    tuning.tune(make_model(), images, "disagreement<=60%", polish=5, seed=2, tau=spec.TAU,
+                gamma=spec.GAMMA, output=tmp_path, **{**QUICK, "finalists": 2, "step": 32})
     assert calls == [(5, 32, 2, True)]
-    measured = json.loads((tmp_path / "front.json").read_text())["measured"]
-    assert [p["spec"] for p in measured if p["source"] == "polish 1"] == ["r:48,26,13"]
-    assert result.images["probe"] == 16
+    finalists = json.loads((tmp_path / "front.json").read_text())["finalists"]
+    assert [p["spec"] for p in finalists if p["source"] == "polish 1"] == ["r:48,26,13"]
