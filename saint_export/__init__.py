@@ -29,7 +29,7 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
         # `tune` is a package that is called (saint_export/tune/__init__.py says why)
-        value = module if _EXPORTS[name] == name else getattr(module, name)
+        value = module if name == "tune" else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -88,6 +88,7 @@ def test_the_front_is_non_dominated_and_holds_a_point_as_good_as_every_family(tu
             1 - p.failures / result.images["held_out"])
         assert p.failures / result.images["held_out"] <= p.failure_bound <= 1 and 0 < p.flops_ratio <= 1
         assert p.images_per_s == pytest.approx(1000 * QUICK["batch"] / p.measured_ms)
+        assert p.speedup_low <= p.speedup <= p.speedup_high  # the median's interval from 6 paired rounds
         assert se.KeepSchedule.parse(p.spec, 6, 100).drops == tuple(p.drops)  # export takes the r: form
     assert (output / "schedule.txt").read_text().strip() == result.closest.spec
     assert {path.name for path in result.files} >= {"front.json", "schedule.txt"}

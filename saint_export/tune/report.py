@@ -33,6 +33,7 @@ class FrontPoint:
     images_per_s: float | None = None  # the batch over measured_ms
     speedup: float | None = None  # the median of paired ratios (unpruned over this, round by round)
     speedup_low: float | None = None  # its lower bound at 1 − δ (order statistics)
+    speedup_high: float | None = None  # and its upper bound: [low, high] holds the median at 1 − 2δ
     slow_ms: float | None = None  # the median's upper bound at 1 − δ
     loss: float | None = None  # held-out: the proxy
     kl: float | None = None  # held-out; classifiers only (as are agreement and accuracy)

@@ -190,7 +190,7 @@ def _point(s: Setup, pick: Candidate, tuned: Scores, held: Scores, unpruned_held
         flops_ratio=macs(s.unpruned, pick.drops) / s.unpruned.macs(), probe_loss=pick.probe_loss,
         tune_loss=tuned.loss, tune_failure_rate=tuned.failures(goal) / len(tuned.cosine) if has_failures else None,
         predicted_ms=fit.predict(pick.drops), measured_ms=ms.median, images_per_s=1000 * batch / ms.median,
-        speedup=speed.median, speedup_low=speed.low, slow_ms=ms.high, loss=held.loss,
+        speedup=speed.median, speedup_low=speed.low, speedup_high=speed.high, slow_ms=ms.high, loss=held.loss,
         cosine=float(np.mean(held.cosine)), failures=held.failures(goal) if has_failures else None)
     if s.classifier:
         point.kl, point.agreement = held.loss, 1 - float(np.mean(held.disagree))
