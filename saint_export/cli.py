@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import spec
-from .config import DEFAULT_OPSET, PRECISIONS, TARGETS
+from .config import DEFAULT_OPSET, PRECISIONS, QUANTIZED, TARGETS
 from .errors import BackendError, GateFailed, InputError
 
 EXIT_OK, EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -85,7 +85,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1,8,32", help="batch profile min,opt,max, or N for 1,N,N; the parity gate "
                    "runs batch 1 and opt, the runtime splits batches above max (default 1,8,32)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="precision of the blocks' Linear layers, written into the graph (default fp32)")
+                   help="precision of the blocks' Linear layers, written into the graph (default fp32; int8 and fp8 "
+                   "quantize their inputs with Q/DQ and need --calibration)")
+    p.add_argument("--calibration", type=Path, nargs="+", default=[],
+                   help="int8 / fp8: image files or folders to calibrate on (the pruned graph runs them)")
+    p.add_argument("--calibration-images", type=int, default=128,
+                   help="int8 / fp8: how many calibration images to use (default 128, at least 16)")
+    p.add_argument("--float-keys", choices=("auto", "yes", "no"), default="auto",
+                   help="int8 / fp8: keep the projections of the keys SAINT scores float (default auto: where they "
+                   "project the keys alone; a fused qkv is quantized; docs/quantization.md)")
+    p.add_argument("--min-agreement", type=float,
+                   help="int8 / fp8 gate: top-1 agreement with eager fp32 (default 0.85 for int8, 0.7 for fp8)")
+    p.add_argument("--min-cosine", type=float,
+                   help="int8 / fp8 gate: the worst image's output cosine with eager fp32 (default 0.95)")
     p.add_argument("--plugin-lib", default="auto", help=f"{spec.OP_TYPE} plugin library for TensorRT: auto (build "
                    "it), none (TensorRT runs the node's ONNX function) or a path")
     p.add_argument("--compute-capability", help="TensorRT-RTX target GPU, e.g. 89 (default: this GPU's)")
@@ -115,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="eager | onnxruntime for a model (default eager); "
                    "auto | tensorrt | onnxruntime… for a folder (default auto)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward (default 16)")
+    p.add_argument("--precision", default="fp32", help="comma-separated precisions, e.g. fp32,int8 (int8 and fp8 "
+                   "on --backend onnxruntime, calibrated on --calibration)")
+    p.add_argument("--calibration", type=Path, nargs="+", default=[], help="int8 / fp8: images to calibrate on")
     p.add_argument("-o", "--output", type=Path, help="folder for eval.json and eval.png (default "
                    "engines/<model>-eval)")
     p.add_argument("--allow-unverified", action="store_true", help="evaluate a folder that did not pass its gate")
@@ -299,7 +314,9 @@ def export(args) -> int:
         keep_schedule=args.keep_schedule, llm_schedule=args.llm_schedule, llm_tau=args.llm_tau, tau=args.tau, K=args.K,
         gamma=args.gamma, precision=args.precision, opset=args.opset, target=args.target, batch=args.batch, verify=not args.no_verify,
         parity_images=args.parity_images, images=tuple(args.images), plugin_library=args.plugin_lib,
-        compute_capability=args.compute_capability, timing_cache=args.timing_cache, img_size=args.img_size)
+        compute_capability=args.compute_capability, timing_cache=args.timing_cache, img_size=args.img_size,
+        calibration=tuple(args.calibration), calibration_images=args.calibration_images, float_keys={"auto": None, "yes": True, "no": False}[args.float_keys],
+        quantized_agreement=args.min_agreement, quantized_cosine=args.min_cosine)
     schedule = se.resolve_schedule(args.keep_schedule, args.model, args.img_size)
     llm_schedule = se.resolve_llm_schedule(args.llm_schedule, args.model, schedule)
     if args.print_schedule:
@@ -308,7 +325,8 @@ def export(args) -> int:
     llm_part = "" if args.llm_schedule == "none" else f"-llm-{_slug(args.llm_schedule)}"
     output = args.output or Path("engines") / f"{_slug(Path(args.model).name)}-{_slug(schedule.spec)}{llm_part}"
     _err(schedule.table() + (f"\n\n{llm_schedule.table()}" if llm_schedule else ""))
-    steps = 3 + config.verify + (config.target != "onnx")  # load, export, [gate], [engine], manifest
+    # load, export, [gate], [quantize, [its gate]], [engine], manifest
+    steps = 3 + config.verify + (config.target != "onnx") + (config.precision in QUANTIZED) * (1 + config.verify)
     result = se.export(args.model, output, config, weights=args.weights, progress=TqdmProgress(steps))
     _summary(result)
     return EXIT_OK
@@ -394,7 +412,8 @@ def evaluate(args) -> int:
     else:
         evaluation = se.evaluate(args.model, args.images, args.keep_schedule.split(","), weights=args.weights,
                                  backend=args.backend or "eager", batch_size=args.batch_size, tau=args.tau, K=args.K,
-                                 gamma=args.gamma, img_size=args.img_size, progress=progress)
+                                 gamma=args.gamma, img_size=args.img_size, precisions=args.precision.split(","),
+                                 calibration=tuple(args.calibration), progress=progress)
     for path, why in evaluation.unreadable:
         _err(f"skipped unreadable image {path}: {why}")
     print(evaluation.table())

@@ -433,3 +433,24 @@ def anyres_token_counts(model: torch.nn.Module, image_sizes, crops: list[int]) -
             packed, lengths = core.pack_image_features(empty, image_sizes, config.vision_feature_select_strategy,
                                                        image_newline=torch.zeros(1))
     return lengths.tolist()
+
+
+# --- torch.onnx (dynamo, 2.13): which module a node came from -------------------------------------
+# The exporter records each node's module path as a metadata property holding a Python list of
+# names, outermost first ('', 'blocks', 'blocks.1', 'blocks.1.mlp.fc1', 'linear_6'). INT8 uses it to
+# quantize exactly the Linear layers the adapter names (saint_export/quantize.py).
+ONNX_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def onnx_node_modules(node) -> list[str]:
+    """The module paths an exported ONNX node was traced under ([] when the exporter wrote none)."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == ONNX_NAME_SCOPES:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return []
+            return [s for s in scopes if isinstance(s, str)]
+    return []

@@ -9,7 +9,15 @@ from . import spec
 from .errors import InputError
 from .schedule import parse_spec
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+QUANTIZED = ("int8", "fp8")  # Q/DQ after export, calibrated on images (saint_export/quantize.py)
+MIN_CALIBRATION_IMAGES = 16
+# The quantized gate's defaults against eager fp32 (top-1 agreement, the worst image's output
+# cosine): they hold on the tests' random-weight models, whose near-tied logits flip under any
+# rounding (E4M3 keeps 3 mantissa bits to INT8's 7, so FP8 flips more of them), and whose 32-wide
+# towers quantize coarsely. Set them higher for trained weights.
+QUANTIZED_GATE = {"int8": (0.85, 0.95), "fp8": (0.7, 0.95)}
+FP8_MIN_OPSET = 19  # float8 Q/DQ types
 TARGETS = ("auto", "onnx", "trt", "trt-rtx")  # how far to go; auto: the furthest this machine can build
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 18, 23  # what torch.onnx (dynamo) writes
@@ -21,7 +29,14 @@ class ExportConfig:
 
     keep_schedule: none | early<P>[@<B>] | r:<r0>,… | calib:<file> (docs/keep-schedules.md).
     tau, K, gamma: SAINT's threshold, votes and sharpness (K is the operator's `vote_k`).
-    precision: fp32 | fp16 | bf16, for the Linear layers the adapter names (docs/parity.md).
+    precision: fp32 | fp16 | bf16 | int8 | fp8, for the Linear layers the adapter names
+        (docs/parity.md; int8 and fp8: Q/DQ on their inputs after export, docs/quantization.md).
+    calibration, calibration_images: int8 / fp8 only: image files or folders, and how many of them
+        calibrate the activations' ranges (at least 16).
+    float_keys: int8 / fp8 only: keep the projections of the keys SAINT scores float (True), quantize
+        them (False), or (None) keep float only those that project the keys alone.
+    quantized_agreement, quantized_cosine: int8 / fp8 only: the gate's top-1 agreement and minimum
+        output cosine against eager fp32 of the same schedule (default: QUANTIZED_GATE).
     opset: ONNX opset, 18 to 23.
     target: auto | onnx | trt | trt-rtx.
     batch: the batch profile (min, opt, max); the gate runs batch 1 and opt, the runtime splits
@@ -55,6 +70,11 @@ class ExportConfig:
     img_size: int | None = None
     llm_schedule: str = "none"
     llm_tau: float = spec.LLM_TAU
+    calibration: tuple[Path, ...] = field(default_factory=tuple)
+    calibration_images: int = 128
+    float_keys: bool | None = None  # None: float where the key projection is its own Linear
+    quantized_agreement: float | None = None  # None: QUANTIZED_GATE's default for the precision
+    quantized_cosine: float | None = None
 
     def __post_init__(self):
         parse_spec(self.keep_schedule)
@@ -85,6 +105,37 @@ class ExportConfig:
             raise InputError(f"LLM schedule must be a string, got {type(self.llm_schedule).__name__}")
         if self.img_size is not None and not (isinstance(self.img_size, int) and self.img_size > 0):
             raise InputError(f"image size must be a positive integer, got {self.img_size!r}")
+        self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        sources = (self.calibration,) if isinstance(self.calibration, (str, Path)) else tuple(self.calibration or ())
+        object.__setattr__(self, "calibration", tuple(Path(p) for p in sources))
+        if self.precision not in QUANTIZED:
+            if self.calibration or self.float_keys is not None:
+                raise InputError(f"{'calibration images' if self.calibration else 'float keys'} apply to int8 and "
+                                 f"fp8; precision is {self.precision}")
+            return
+        if not self.calibration:
+            raise InputError(f"precision {self.precision} needs calibration images (--calibration DIR): the activations' "
+                             "ranges are measured on them")
+        for source in self.calibration:
+            if not source.exists():
+                raise InputError(f"calibration source {str(source)!r} does not exist")
+        if not (isinstance(self.calibration_images, int) and self.calibration_images >= MIN_CALIBRATION_IMAGES):
+            raise InputError(f"calibration_images must be an integer ≥ {MIN_CALIBRATION_IMAGES}, got "
+                             f"{self.calibration_images!r}")
+        for name, default in zip(("quantized_agreement", "quantized_cosine"), QUANTIZED_GATE[self.precision]):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, default)
+            elif not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise InputError(f"{name} must be a number in [0, 1], got {value!r}")
+        if self.precision == "fp8":
+            if self.opset < FP8_MIN_OPSET:  # only the default 18 is lower: raised to what float8 types need
+                object.__setattr__(self, "opset", FP8_MIN_OPSET)
+            if self.compute_capability is not None and tuple(map(int, self.compute_capability.split("."))) < (8, 9):
+                raise InputError(f"precision fp8 needs compute capability 8.9 or later (Ada, Hopper, Blackwell); the "
+                                 f"target is {self.compute_capability}: use int8")
 
 
 def _choice(what: str, value, choices) -> None:

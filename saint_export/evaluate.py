@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 from . import artifacts, spec
 from .adapters import find_adapter
-from .config import ExportConfig
+from .config import QUANTIZED, ExportConfig
 from .errors import InputError
 from .images import Images, load_images
 from .models import architecture, check_weights, load
@@ -41,6 +42,7 @@ class EvalRecord:
     flops_ratio: float
     images_per_second: float
     backend: str
+    precision: str = "fp32"
 
 
 @dataclass
@@ -50,11 +52,11 @@ class Evaluation:
     unreadable: list = field(default_factory=list)  # (file, why)
 
     def table(self) -> str:
-        lines = [f"{'schedule':<22} {'images':>6} {'top-1 acc':>9} {'agreement':>9} {'cosine':>8} {'FLOPs':>6} "
-                 f"{'images/s':>9}  backend"]
+        lines = [f"{'schedule':<22} {'prec':>4} {'images':>6} {'top-1 acc':>9} {'agreement':>9} {'cosine':>8} "
+                 f"{'FLOPs':>6} {'images/s':>9}  backend"]
         for r in self.records:
             accuracy = "—" if r.top1_accuracy is None else f"{r.top1_accuracy:.1%}"
-            lines.append(f"{r.schedule:<22} {r.images:>6} {accuracy:>9} {r.top1_agreement:>9.1%} "
+            lines.append(f"{r.schedule:<22} {r.precision:>4} {r.images:>6} {accuracy:>9} {r.top1_agreement:>9.1%} "
                          f"{r.logit_cosine:>8.4f} {r.flops_ratio:>6.3f} {r.images_per_second:>9.1f}  {r.backend}")
         return "\n".join(lines)
 
@@ -69,10 +71,12 @@ class Evaluation:
 
 def evaluate(model, images, keep_schedules=("none", "early75", "early50", "early25"), *, weights: str | None = None,
              backend: str = "eager", batch_size: int = 16, tau: float = spec.TAU, K: int = spec.VOTE_K,
-             gamma: float = spec.GAMMA, img_size: int | None = None, progress=None) -> Evaluation:
+             gamma: float = spec.GAMMA, img_size: int | None = None, precisions=("fp32",), calibration=None,
+             progress=None) -> Evaluation:
     """Evaluate `keep_schedules` of `model` (a name with `weights`, or an unpatched module) on
-    `images` (files, flat folders or ImageFolder trees)."""
-    from .pipeline import Progress, export
+    `images` (files, flat folders or ImageFolder trees), at each of `precisions` (int8 and fp8 on
+    the onnxruntime backend, calibrated on `calibration`)."""
+    from .pipeline import Progress
 
     progress = progress or Progress()
     if backend not in BACKENDS:
@@ -80,10 +84,15 @@ def evaluate(model, images, keep_schedules=("none", "early75", "early50", "early
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise InputError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
     schedules = [keep_schedules] if isinstance(keep_schedules, str) else list(keep_schedules)
-    if not schedules:
-        raise InputError("no keep schedule to evaluate")
-    config = ExportConfig(tau=tau, K=K, gamma=gamma, img_size=img_size)  # checks τ/K/γ and the size
-    base, name = _base_model(model, weights, config.img_size)
+    precisions = [precisions] if isinstance(precisions, str) else list(precisions)
+    if not schedules or not precisions:
+        raise InputError("no keep schedule or precision to evaluate")
+    if backend == "eager" and precisions != ["fp32"]:
+        raise InputError(f"precision {', '.join(precisions)}: the eager backend runs fp32; use --backend onnxruntime")
+    configs = {p: ExportConfig(tau=tau, K=K, gamma=gamma, img_size=img_size, precision=p, target="onnx",
+                               calibration=calibration if p in QUANTIZED else (), verify=False,
+                               batch=(1, batch_size, batch_size)) for p in precisions}  # checks every choice
+    base, name = _base_model(model, weights, img_size)
     info = find_adapter(base).describe(base)
     resolved = [KeepSchedule.for_model(s, info) for s in schedules]
     for schedule in resolved:
@@ -91,19 +100,26 @@ def evaluate(model, images, keep_schedules=("none", "early75", "early50", "early
     data, labels = _images(base, images)
     reference, _ = _eager_logits(base, data.pixel_values, batch_size)
     records = []
-    for schedule, text in zip(resolved, schedules):
-        with progress.step(f"eval-{text}", f"{text}: {backend}, {len(data.paths)} images"):
+    for (schedule, text), precision in itertools.product(zip(resolved, schedules), precisions):
+        with progress.step(f"eval-{text}-{precision}", f"{text} {precision}: {backend}, {len(data.paths)} images"):
             if backend == "eager":
                 pruned = apply(copy.deepcopy(base), schedule, tau=tau, K=K, gamma=gamma)
                 logits, seconds = _eager_logits(pruned, data.pixel_values, batch_size)
-            else:  # the exported graph itself, run by the runtime (unverified: timing needs no gate)
-                with tempfile.TemporaryDirectory() as tmp:
-                    folder = export(copy.deepcopy(base), Path(tmp) / "folder", ExportConfig(
-                        keep_schedule=text, tau=tau, K=K, gamma=gamma, target="onnx", verify=False,
-                        batch=(1, batch_size, batch_size))).folder
-                    logits, seconds, _ = _runtime_logits(folder, data.pixel_values, True, "onnxruntime-cpu")
-        records.append(_record(text, schedule.flops_ratio(), logits, reference, labels, seconds, backend))
+            else:
+                logits, seconds = _exported_logits(base, replace(configs[precision], keep_schedule=text), data)
+        records.append(_record(text, schedule.flops_ratio(), logits, reference, labels, seconds, backend, precision))
     return Evaluation(name, records, data.unreadable)
+
+
+def _exported_logits(base, config: ExportConfig, data) -> tuple[np.ndarray, float]:
+    """The exported graph itself, run by the runtime (unverified: timing needs no gate; a quantized
+    graph is still calibrated)."""
+    from .pipeline import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export(copy.deepcopy(base), Path(tmp) / "folder", config).folder
+        logits, seconds, _ = _runtime_logits(folder, data.pixel_values, True, "onnxruntime-cpu")
+    return logits, seconds
 
 
 def evaluate_folder(folder, images, *, backend: str = "auto", allow_unverified: bool = False,
@@ -128,7 +144,7 @@ def evaluate_folder(folder, images, *, backend: str = "auto", allow_unverified: 
     reference, _ = _eager_logits(model, data.pixel_values, batch_size)
     logits, seconds, backend_used = _runtime_logits(folder, data.pixel_values, allow_unverified, backend)
     record = _record(manifest.keep_schedule["spec"], manifest.keep_schedule["flops_ratio"], logits, reference,
-                     labels, seconds, backend_used)
+                     labels, seconds, backend_used, manifest.precision)
     return Evaluation(str(folder), [record], data.unreadable)
 
 
@@ -176,14 +192,14 @@ def _runtime_logits(folder, pixels, allow_unverified, backend) -> tuple[np.ndarr
     return logits, seconds, runner.backend
 
 
-def _record(text, flops_ratio, logits, reference, labels, seconds, backend) -> EvalRecord:
+def _record(text, flops_ratio, logits, reference, labels, seconds, backend, precision="fp32") -> EvalRecord:
     top1 = logits.argmax(-1)
     return EvalRecord(
         schedule=text, images=len(logits),
         top1_accuracy=None if labels is None else float((top1 == labels).mean()),
         top1_agreement=float((top1 == reference.argmax(-1)).mean()),
         logit_cosine=float(cosine(logits, reference).mean()),
-        flops_ratio=flops_ratio, images_per_second=len(logits) / seconds, backend=backend)
+        flops_ratio=flops_ratio, images_per_second=len(logits) / seconds, backend=backend, precision=precision)
 
 
 def plot_evaluation(evaluation: Evaluation, path: Path) -> Path:
@@ -208,7 +224,9 @@ def plot_evaluation(evaluation: Evaluation, path: Path) -> Path:
             if r.flops_ratio == 1.0:
                 axes.plot(r.images_per_second, v * 100, "*", color="black", markersize=14, zorder=4)
     for i, r in enumerate(records):
-        axes.annotate(f"{r.schedule}{' (unpruned)' if r.flops_ratio == 1.0 else ''}\nFLOPs {r.flops_ratio:.2f}",
+        precision = "" if r.precision == "fp32" else f" {r.precision}"
+        axes.annotate(f"{r.schedule}{precision}{' (unpruned)' if r.flops_ratio == 1.0 else ''}\nFLOPs "
+                      f"{r.flops_ratio:.2f}",
                       (r.images_per_second, series[0][2][i] * 100), textcoords="offset points",
                       xytext=(6, 6 if i % 2 else -18), fontsize=7)
     axes.set_ylim(-5, 105)

@@ -66,6 +66,7 @@ class Manifest:
     engine: EngineRecord | None = None
     labels: str | None = None  # file with one class name per line, when the head's classes are known
     features: dict | None = None  # a VLM's image features: tokens per image, how LLM runtimes take them
+    quantization: dict | None = None  # int8 / fp8: calibration (images, their hash, method), nodes, the gate
     gpu: str | None = None
     versions: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # name → {"sha256", "bytes"}: every other file of the folder

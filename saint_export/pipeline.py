@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from . import artifacts, spec
 from .adapters import find_adapter
-from .config import ExportConfig
+from .config import MIN_CALIBRATION_IMAGES, QUANTIZED, ExportConfig
 from .errors import GateFailed, InputError
 from .onnx_export import export_onnx
 from .gpu import cuda_device
@@ -120,6 +121,9 @@ def export(model, output, config: ExportConfig = ExportConfig(), weights: str | 
     return _Export(config, progress or Progress()).run(model, Path(output), weights)
 
 
+GATE_CALIBRATION_IMAGES = 32
+
+
 class _Export:
     def __init__(self, config: ExportConfig, progress: Progress):
         self.config, self.progress, self.timings = config, progress, {}
@@ -195,24 +199,18 @@ class _Export:
             preprocess = adapter.preprocess(model)
             labels = adapter.label_names(model)
             exported = adapter.export_module(model)
-        with self.step("export", f"exporting ONNX (torch.export, opset {config.opset})"):
-            files = export_onnx(exported, folder / ONNX_FILE, (3, info.img_size, info.img_size), config.opset)
-        parity = None
-        if config.verify:
-            images = normalise(synthetic_images(config.parity_images, info.img_size), preprocess)
-            if config.images:
-                loaded = load_images(config.images, preprocess)
-                for path, why in loaded.unreadable:
-                    self.progress.note(f"skipped unreadable image {path}: {why}")
-                images = torch.cat([images, torch.from_numpy(loaded.pixel_values)])
-            batches = (1, config.batch[1])
-            with self.step("parity", f"parity gate: eager vs ONNX Runtime, batch {batches[0]} and {batches[1]}",
-                           total=len(images) * 2) as advance:
-                parity = check_onnx_parity(exported, files[0], images, batches, lambda done, _: advance(done),
-                                           config.precision)
-            if not parity.passed:
-                raise GateFailed(parity.table())
-            files += save_goldens(*parity.golden, folder, adapter.INPUT_NAME, adapter.OUTPUT_NAME)
+        quantized = config.precision in QUANTIZED
+        with contextlib.ExitStack() as stack:
+            # int8 / fp8: the fp32 graph is exported, gated and quantized outside the folder
+            graph_folder = Path(stack.enter_context(tempfile.TemporaryDirectory())) if quantized else folder
+            with self.step("export", f"exporting ONNX (torch.export, opset {config.opset})"):
+                files = export_onnx(exported, graph_folder / ONNX_FILE, (3, info.img_size, info.img_size), config.opset)
+            parity = self._parity(exported, graph_folder / ONNX_FILE, preprocess, info) if config.verify else None
+            quantization = None
+            if quantized:
+                quantization, files = self._quantize(model, exported, graph_folder / ONNX_FILE, folder, preprocess, parity)
+            elif parity is not None:
+                files += save_goldens(*parity.golden, folder, adapter.INPUT_NAME, adapter.OUTPUT_NAME)
         if labels is not None:
             files.append(artifacts.atomic_write_text(folder / LABELS_FILE, "\n".join(labels) + "\n"))
         engine = engine_parity = None
@@ -225,6 +223,7 @@ class _Export:
                 features["llm_schedule"] = _llm_record(llm_schedule, config.llm_tau)
             report = {"parity": parity.as_dict() if parity else None,
                       "engine_parity": engine_parity.as_dict() if engine_parity else None,
+                      "quantized_gate": (quantization or {}).get("gate"),
                       "flops_ratio": schedule.flops_ratio(), "timings_seconds": self.timings}
             files.append(artifacts.write_json(folder / artifacts.REPORT, report))
             manifest = Manifest(
@@ -244,10 +243,66 @@ class _Export:
                                    "plugin_namespace": spec.DOMAIN, "plugin_version": spec.PLUGIN_VERSION,
                                    "local_function": True}},
                 engine=engine, labels=LABELS_FILE if labels is not None else None, features=features,
+                quantization=quantization,
                 gpu=cuda_device().name if cuda_device() else None, versions=artifacts.versions(),
                 files=artifacts.checksums(folder, [f.name for f in files]))
             manifest.write(folder)
         return ExportResult(folder, manifest, schedule, parity, engine, engine_parity, self.timings)
+
+    def _parity(self, exported, onnx_path: Path, preprocess, info) -> ParityReport:
+        """The gate: eager against ONNX Runtime on synthetic images and the user's (fp32 graphs for
+        int8 / fp8, whose quantization has its own gate)."""
+        config = self.config
+        precision = "fp32" if config.precision in QUANTIZED else config.precision
+        images = normalise(synthetic_images(config.parity_images, info.img_size), preprocess)
+        if config.images:
+            loaded = load_images(config.images, preprocess)
+            for path, why in loaded.unreadable:
+                self.progress.note(f"skipped unreadable image {path}: {why}")
+            images = torch.cat([images, torch.from_numpy(loaded.pixel_values)])
+        batches = (1, config.batch[1])
+        with self.step("parity", f"parity gate: eager vs ONNX Runtime, batch {batches[0]} and {batches[1]}",
+                       total=len(images) * 2) as advance:
+            parity = check_onnx_parity(exported, onnx_path, images, batches, lambda done, _: advance(done), precision)
+        if not parity.passed:
+            raise GateFailed(parity.table())
+        return parity
+
+    def _quantize(self, model, exported, fp32_path: Path, folder: Path, preprocess, parity) -> tuple[dict, list[Path]]:
+        """The fp32 graph quantized into the folder, calibrated on the user's images, and gated."""
+        from . import quantize
+
+        config = self.config
+        adapter = find_adapter(model)
+        loaded = load_images(config.calibration, preprocess)
+        pixels = loaded.pixel_values[:config.calibration_images]
+        if len(pixels) < MIN_CALIBRATION_IMAGES:
+            raise InputError(f"{config.precision} calibration needs at least {MIN_CALIBRATION_IMAGES} readable images; "
+                             f"{', '.join(map(str, config.calibration))} gave {len(pixels)}")
+        wanted = set(adapter.low_precision_modules(model))
+        modules = {name for name, module in exported.named_modules() if module in wanted}
+        with self.step("quantize", f"{config.precision} quantization, calibrated on {len(pixels)} images"):
+            record = quantize.quantize(fp32_path, folder / ONNX_FILE, pixels, config.precision, modules,
+                                       adapter.INPUT_NAME, config.batch[1], config.float_keys)
+        files = [folder / ONNX_FILE]
+        if config.verify:
+            images = parity.golden[0].numpy() if parity is not None else pixels[:config.batch[1]]
+            # the goldens and up to GATE_CALIBRATION_IMAGES of the calibration images: enough that one
+            # near-tied logit (random weights) does not decide the agreement
+            gate_images = np.concatenate([images, pixels[:GATE_CALIBRATION_IMAGES]])
+            with torch.no_grad():
+                eager = exported(torch.from_numpy(gate_images))
+            eager = (eager[0] if isinstance(eager, tuple) else eager).float().numpy()
+            with self.step("quantized gate", f"{config.precision} gate on {len(gate_images)} images"):
+                report = quantize.gate(folder / ONNX_FILE, fp32_path, gate_images, eager, config.quantized_agreement,
+                                       config.quantized_cosine, config.batch[1])
+            record["gate"] = report.as_dict()
+            if not report.passed:
+                raise GateFailed(f"{config.precision} gate failed at {report.failed_tier}")
+            self.progress.note(f"{config.precision} gate: {report.summary()}")
+            golden = quantize.run_graph(folder / ONNX_FILE, images, config.batch[1])
+            files += save_goldens(torch.from_numpy(images), golden, folder, adapter.INPUT_NAME, adapter.OUTPUT_NAME)
+        return record, files
 
     def _engine(self, folder: Path, adapter) -> tuple[EngineRecord, EngineParity, list[Path]]:
         from .trt import plugin

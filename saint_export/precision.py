@@ -14,7 +14,7 @@ from .adapters import find_adapter
 from .config import PRECISIONS
 from .errors import InputError
 
-DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class LowPrecisionLinear(torch.nn.Linear):
@@ -25,10 +25,11 @@ class LowPrecisionLinear(torch.nn.Linear):
 
 
 def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Switch the Linear layers the model's adapter names to `precision`, in place."""
-    if precision not in DTYPES:
-        raise InputError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
-    if precision == "fp32":
+    """Switch the Linear layers the model's adapter names to `precision`, in place. int8 and fp8
+    leave the model fp32: they quantize its exported graph (saint_export/quantize.py)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision not in DTYPES or precision == "fp32":
         return model
     for module in find_adapter(model).low_precision_modules(model):
         if type(module) is torch.nn.Linear:

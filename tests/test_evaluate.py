@@ -14,7 +14,7 @@ from saint_export.parity import cosine
 
 SYNSETS = ["n01440764", "n01443537"]  # ImageNet-1k classes 0 (tench) and 1 (goldfish)
 KEYS = ["schedule", "images", "top1_accuracy", "top1_agreement", "logit_cosine", "flops_ratio",
-        "images_per_second", "backend"]
+        "images_per_second", "backend", "precision"]
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ def test_a_failing_gate_raises_and_writes_nothing(tmp_path, monkeypatch):
     ("keep_schedule", "early", "malformed keep schedule 'early'"),
     ("tau", 1.5, "tau must be a cosine similarity"),
     ("K", 0, "K (votes for a redundant row) must be an integer ≥ 1"),
-    ("precision", "fp8", "precision 'fp8': expected one of fp32, fp16, bf16"),
+    ("precision", "int4", "precision 'int4': expected one of fp32, fp16, bf16, int8, fp8"),
     ("target", "tpu", "target 'tpu': expected one of auto, onnx, trt, trt-rtx"),
     ("opset", 17, "opset 17 is not supported"),
     ("batch", (4, 2, 8), "batch profile (4, 2, 8)"),
