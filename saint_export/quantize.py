@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import shutil
 import tempfile
@@ -132,6 +133,9 @@ def quantize(fp32_path: Path, out_path: Path, pixels: np.ndarray, precision: str
     qtype = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
     # ONNX Runtime calibrates float8 only from the activations' distribution
     method = CalibrationMethod.MinMax if precision == "int8" else CalibrationMethod.Distribution
+    record = calibration_record(pixels, precision, nodes, kept_float)
+    cache = _calibration_cache(fp32_path, record, nodes)
+    record["calibration_cache"] = {"key": cache.stem, "reused": cache.is_file()}
     with tempfile.TemporaryDirectory() as tmp:  # the quantizer writes its augmented model beside its inputs
         source = Path(tmp) / fp32_path.name
         for part in (fp32_path, fp32_path.with_name(fp32_path.name + ".data")):  # with external weights
@@ -144,11 +148,31 @@ def quantize(fp32_path: Path, out_path: Path, pixels: np.ndarray, precision: str
                 quantize_static(str(source), str(out_path), _Reader(input_name, pixels, batch),
                                 quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHTED), per_channel=True,
                                 activation_type=qtype, weight_type=qtype, nodes_to_quantize=nodes, calibrate_method=method,
-                                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+                            calibration_cache_path=str(cache))
         finally:
             logging.disable(logging.NOTSET)
     check_operator_intact(onnx.load(str(out_path)), model)
-    return calibration_record(pixels, precision, nodes, kept_float)
+    return record
+
+
+def _calibration_cache(fp32_path: Path, record: dict, nodes: list[str]) -> Path:
+    """Where ONNX Runtime keeps the activation ranges of this graph on these images (its
+    `calibration_cache_path`: measured once, read back by the next export of the same model,
+    schedule, images and method). A cache cut short by an interrupt is removed."""
+    from .trt.plugin import cache_dir
+
+    key = hashlib.sha256(json.dumps([hashlib.sha256(fp32_path.read_bytes()).hexdigest(), record["images_sha256"],
+                                     record["precision"], record["method"], sorted(nodes)]).encode()).hexdigest()
+    path = cache_dir() / "calibration" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        pass
+    except (ValueError, OSError):
+        path.unlink(missing_ok=True)
+    return path
 
 
 def check_operator_intact(quantized: onnx.ModelProto, original: onnx.ModelProto) -> None:

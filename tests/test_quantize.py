@@ -104,6 +104,19 @@ def test_float_keys_keep_the_key_projections_float(calibration, tmp_path):
     assert record["gate"]["passed"] and record["gate"]["kept_jaccard"] >= 0.9
 
 
+def test_calibration_is_cached_by_its_hash_and_reused(calibration, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAINT_EXPORT_CACHE", str(tmp_path / "cache"))
+    records = []
+    for run_ in ("first", "second"):
+        result = se.export("test_vit", tmp_path / run_, weights="random", config=se.ExportConfig(
+            keep_schedule="early50", target="onnx", precision="int8", calibration=calibration, batch=(1, 4, 8),
+            verify=False))
+        records.append(result.manifest.quantization["calibration_cache"])
+    assert records[0]["key"] == records[1]["key"] and [r["reused"] for r in records] == [False, True]
+    assert (tmp_path / "cache" / "calibration" / f"{records[0]['key']}.json").is_file()
+    assert graph(tmp_path / "first").SerializeToString() == graph(tmp_path / "second").SerializeToString()
+
+
 def test_the_gate_ran_its_three_tiers(exported):
     gate = json.loads((exported / "int8" / "manifest.json").read_text())["quantization"]["gate"]
     assert gate["passed"] and gate["kernel_mean_cosine"] >= quantize.KERNEL_MEAN_COSINE
