@@ -84,8 +84,9 @@ def nodes_to_quantize(model: onnx.ModelProto, module_names: set[str],
     scores their outputs): all key projections with `float_keys`, none without, and by default
     (None) those that project the keys alone."""
     initializers = {i.name for i in model.graph.initializer}
-    linear = {n.name: max(module_names & set(compat.onnx_node_modules(n)), key=len) for n in model.graph.node
-              if _weighted(n, initializers) and module_names & set(compat.onnx_node_modules(n))}
+    named = {n.name: module_names & set(compat.onnx_node_modules(n)) for n in model.graph.node
+             if _weighted(n, initializers)}
+    linear = {name: max(modules, key=len) for name, modules in named.items() if modules}
     if not linear:
         raise InputError("no Linear layer of the model could be found in the exported graph (its nodes carry no "
                          "module names): INT8 needs torch.onnx's dynamo exporter of torch 2.13")
@@ -294,11 +295,11 @@ def gate(qdq_path: Path, fp32_path: Path, images: np.ndarray, eager: np.ndarray,
     def flat(x):  # features: averaged over tokens (quantization may keep other tokens, row for row)
         return x.mean(1) if x.ndim == 3 else x.reshape(len(x), -1)
 
+    kernel, versus_fp32 = cosine(flat(ours), flat(arithmetic[0])), cosine(flat(ours), flat(eager))
     return QuantizedGate(
-        kernel_mean_cosine=float(cosine(flat(ours), flat(arithmetic[0])).mean()),
-        kernel_min_cosine=float(cosine(flat(ours), flat(arithmetic[0])).min()),
+        kernel_mean_cosine=float(kernel.mean()), kernel_min_cosine=float(kernel.min()),
         kernel_top1_agreement=float(np.mean(agreeing(ours, arithmetic[0]))) if classifier else None,
         top1_agreement=float(np.mean(agreeing(ours, eager))) if classifier else None,
-        min_cosine=float(cosine(flat(ours), flat(eager)).min()), mean_cosine=float(cosine(flat(ours), flat(eager)).mean()),
+        min_cosine=float(versus_fp32.min()), mean_cosine=float(versus_fp32.mean()),
         kept_jaccard=float(np.mean([_jaccard(q, f) for q, f in zip(integer[1:], fp32_kept)])) if kept else None,
         images=len(images), min_agreement=min_agreement, min_cosine_required=min_cosine)
